@@ -1,0 +1,52 @@
+"""Every option is a LEANSERVE_* environment variable and a `leanserve serve` flag (see cli.py)."""
+from __future__ import annotations
+
+from pydantic import Field, field_validator
+from typing import Annotated
+
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="LEANSERVE_", extra="ignore")
+
+    host: str = Field("127.0.0.1", description="address the gateway listens on")
+    port: int = Field(8000, ge=1, le=65535, description="port the gateway listens on")
+    engines: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="engine base URLs (comma-separated in the env var); empty = start the embedded vLLM engine",
+    )
+    model: str = Field("", description="embedded engine: HF model directory (empty = the prepared default model)")
+    served_model_name: str = Field("", description="embedded engine: name clients use (default: directory name)")
+    engine_port: int = Field(8100, ge=1, le=65535, description="embedded engine: loopback port of the vLLM server")
+    engine_dtype: str = Field("float32", description="embedded engine: --dtype passed to vLLM")
+    engine_args: str = Field("", description="embedded engine: extra vLLM arguments, shell-quoted")
+    engine_start_timeout: float = Field(600.0, gt=0, description="seconds to wait for the engine's /health")
+    api_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="accepted API keys (comma-separated in the env var); empty = no auth"
+    )
+    protect_ops_endpoints: bool = Field(False, description="require an API key for /health, /ready and /metrics too")
+    max_concurrency: int = Field(64, ge=1, description="requests served at once; more wait in the queue")
+    max_queue: int = Field(256, ge=0, description="requests allowed to wait; beyond that 429")
+    queue_timeout: float = Field(30.0, gt=0, description="seconds a request may wait in the queue before 429")
+    retry_after: int = Field(1, ge=0, description="Retry-After seconds sent with 429")
+    health_interval: float = Field(2.0, gt=0, description="seconds between engine health probes")
+    upstream_connect_timeout: float = Field(5.0, gt=0, description="seconds to connect to an engine")
+    upstream_timeout: float = Field(600.0, gt=0, description="seconds an engine may stay silent during a request")
+    max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="largest accepted request body")
+    log_level: str = Field("info", description="gateway log level")
+
+    @field_validator("engines", "api_keys", mode="before")
+    @classmethod
+    def _split_csv(cls, v):
+        if isinstance(v, str):
+            return [s.strip() for s in v.split(",") if s.strip()]
+        return v
+
+    @field_validator("engines")
+    @classmethod
+    def _strip_slash(cls, v: list[str]) -> list[str]:
+        for url in v:
+            if not url.startswith(("http://", "https://")):
+                raise ValueError(f"engine URL must start with http:// or https://: {url!r}")
+        return [u.rstrip("/") for u in v]

@@ -1,0 +1,267 @@
+"""Relay one OpenAI request to an engine: admission, replica choice with failover, streaming relay.
+
+A pure ASGI response (no BaseHTTPMiddleware): while the request is served we also listen on `receive`
+for http.disconnect, so a client that leaves — in the queue, before the first token or mid-stream —
+cancels the work and closes the upstream request, which makes vLLM abort it.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+from starlette.responses import Response
+
+from .admission import Admission
+from .errors import APIError, error_body, normalize_upstream_error
+from .metrics import Metrics
+from .replicas import Replica, ReplicaPool
+
+log = logging.getLogger("leanserve.relay")
+
+DONE = b"data: [DONE]"
+SSE_HEADERS = [
+    (b"content-type", b"text/event-stream; charset=utf-8"),
+    (b"cache-control", b"no-cache"),
+    (b"x-accel-buffering", b"no"),  # tell reverse proxies not to buffer the stream
+]
+JSON_HEADERS = [(b"content-type", b"application/json")]
+RETRYABLE = (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError, httpx.ReadError,
+             httpx.WriteError, httpx.PoolTimeout)
+
+
+class _Retry(Exception):
+    """The engine failed before anything reached the client: try another replica."""
+
+
+@dataclass
+class Gateway:
+    """Everything a relayed request needs, built once per app."""
+    pool: ReplicaPool
+    admission: Admission
+    client: httpx.AsyncClient
+    metrics: Metrics
+
+
+async def send_json(send, status: int, body: Any, headers: dict[str, str] | None = None) -> None:
+    raw = json.dumps(body).encode()
+    hdrs = JSON_HEADERS + [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
+    await send({"type": "http.response.start", "status": status, "headers": hdrs})
+    await send({"type": "http.response.body", "body": raw})
+
+
+async def _wait_disconnect(receive) -> None:
+    while True:
+        msg = await receive()
+        if msg["type"] == "http.disconnect":
+            return
+
+
+class RelayResponse(Response):
+    """ASGI app for one proxied request. Subclasses Response only so FastAPI returns it untouched."""
+
+    def __init__(self, gw: Gateway, body: dict, path: str, endpoint: str, arrival: float):
+        self.background = None
+        self.gw, self.body, self.path, self.endpoint, self.arrival = gw, body, path, endpoint, arrival
+        self.model: str = body.get("model") or ""
+        self.metric_model = "unknown"  # client-chosen names never become label values
+        self.stream = bool(body.get("stream"))
+        opts = body.get("stream_options") or {}
+        self.client_wants_usage = bool(opts.get("include_usage"))
+        self.status = 0  # final status for metrics; 499 = client went away
+        self.started = False  # response headers sent to the client
+
+    # ---- ASGI entry ---------------------------------------------------------------------------
+    async def __call__(self, scope, receive, send) -> None:
+        def tracked_send(msg):
+            if msg["type"] == "http.response.start":
+                self.started = True
+                self.status = msg["status"]
+            return send(msg)
+
+        serve = asyncio.ensure_future(self._serve(tracked_send))
+        watch = asyncio.ensure_future(_wait_disconnect(receive))
+        try:
+            done, _ = await asyncio.wait({serve, watch}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not serve.done() and not watch.done():  # we were cancelled ourselves (server shutdown)
+                serve.cancel()
+                watch.cancel()
+        if serve in done:
+            watch.cancel()
+            serve.result()
+        else:
+            serve.cancel()
+            try:
+                await serve
+            except asyncio.CancelledError:
+                pass
+            self.gw.metrics.disconnects.labels(self.endpoint, "streaming" if self.started else "waiting").inc()
+            self.status = 499
+        self.gw.metrics.requests.labels(self.metric_model, self.endpoint, str(self.status)).inc()
+        self.gw.metrics.e2e.labels(self.metric_model, self.endpoint).observe(time.perf_counter() - self.arrival)
+
+    # ---- the request --------------------------------------------------------------------------
+    async def _serve(self, send) -> None:
+        gw = self.gw
+        try:
+            if not self.model:
+                self.model = gw.pool.default_model() or ""
+                if not self.model:
+                    raise APIError(400, "you must provide a model parameter", param="model", code="missing_model")
+                self.body["model"] = self.model
+            gw.pool.pick(self.model)  # fail fast (404/503) before queueing
+            self.metric_model = self.model  # a served model: safe as a label
+            await gw.admission.acquire()
+        except APIError as e:
+            await send_json(send, e.status, e.body(), e.headers)
+            return
+        try:
+            await self._dispatch(send)
+        finally:
+            gw.admission.release()
+
+    def _upstream_body(self) -> bytes:
+        body = self.body
+        if self.stream:
+            # Always ask the engine for usage so token metrics are exact; dropped again if the client didn't ask.
+            body = dict(body)
+            body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
+        return json.dumps(body).encode()
+
+    async def _dispatch(self, send) -> None:
+        gw = self.gw
+        payload = self._upstream_body()
+        tried: set[Replica] = set()
+        last_error: APIError | None = None
+        while True:
+            try:
+                replica = gw.pool.pick(self.model, exclude=tried)
+            except APIError as e:
+                e = last_error if (last_error and e.status == 503) else e
+                await send_json(send, e.status, e.body(), e.headers)
+                return
+            tried.add(replica)
+            gw.pool.acquire(replica)
+            try:
+                await self._attempt(replica, payload, send)
+                return
+            except _Retry as r:
+                last_error = r.args[0]
+                log.warning("engine %s failed before the response started (%s); trying another",
+                            replica.url, last_error.message)
+            finally:
+                gw.pool.release(replica)
+
+    async def _attempt(self, replica: Replica, payload: bytes, send) -> None:
+        gw = self.gw
+        req = gw.client.build_request("POST", replica.url + self.path, content=payload,
+                                      headers={"content-type": "application/json"})
+        try:
+            resp = await gw.client.send(req, stream=True)
+        except RETRYABLE as e:
+            gw.metrics.upstream_errors.labels(replica.url, "connect").inc()
+            gw.pool.set_health(replica, False)
+            raise _Retry(APIError(503, f"engine unreachable: {type(e).__name__}", code="engine_unavailable"))
+        except httpx.TimeoutException:
+            gw.metrics.upstream_errors.labels(replica.url, "timeout").inc()
+            raise _Retry(APIError(504, "the engine did not answer in time", code="engine_timeout"))
+        try:
+            if resp.status_code != 200:
+                raw = await resp.aread()
+                err = normalize_upstream_error(resp.status_code, raw)
+                if resp.status_code >= 500:
+                    gw.metrics.upstream_errors.labels(replica.url, f"http_{resp.status_code}").inc()
+                    raise _Retry(APIError(resp.status_code, err["error"]["message"], code=err["error"]["code"]))
+                await send_json(send, resp.status_code, err)
+            elif self.stream:
+                await self._relay_stream(resp, replica, send)
+            else:
+                await self._relay_json(resp, replica, send)
+        finally:
+            await resp.aclose()  # unread body => connection dropped => the engine aborts the request
+
+    async def _relay_json(self, resp: httpx.Response, replica: Replica, send) -> None:
+        try:
+            raw = await resp.aread()
+        except httpx.HTTPError as e:
+            self.gw.metrics.upstream_errors.labels(replica.url, "read").inc()
+            raise _Retry(APIError(502, f"the engine connection broke: {type(e).__name__}", code="engine_error"))
+        try:
+            data = json.loads(raw)
+            self._account(data.get("usage"), data.get("choices") or [])
+        except (ValueError, AttributeError):
+            pass
+        await send({"type": "http.response.start", "status": 200, "headers": JSON_HEADERS})
+        await send({"type": "http.response.body", "body": raw})
+
+    def _account(self, usage: dict | None, choices: list) -> None:
+        m = self.gw.metrics
+        if usage:
+            m.prompt_tokens.labels(self.model).inc(usage.get("prompt_tokens") or 0)
+            m.completion_tokens.labels(self.model).inc(usage.get("completion_tokens") or 0)
+        for c in choices:
+            if c.get("finish_reason"):
+                m.finished.labels(self.model, c["finish_reason"]).inc()
+
+    async def _relay_stream(self, resp: httpx.Response, replica: Replica, send) -> None:
+        m = self.gw.metrics
+        ttft = m.ttft.labels(self.model, self.endpoint)
+        itl = m.itl.labels(self.model, self.endpoint)
+        last_token_at = 0.0
+        buf = b""
+        saw_done = False
+        try:
+            async for chunk in resp.aiter_raw():
+                buf += chunk
+                if b"\n\n" not in buf:
+                    continue
+                *events, buf = buf.split(b"\n\n")
+                out = []
+                for ev in events:
+                    ev = ev.strip(b"\r\n")
+                    if not ev:
+                        continue
+                    if ev == DONE:
+                        saw_done = True
+                    elif ev.startswith(b"data:"):
+                        try:
+                            data = json.loads(ev[5:])
+                        except ValueError:
+                            data = None
+                        if isinstance(data, dict):
+                            choices = data.get("choices")
+                            if choices:
+                                now = time.perf_counter()
+                                if last_token_at:
+                                    itl.observe(now - last_token_at)
+                                else:
+                                    ttft.observe(now - self.arrival)
+                                last_token_at = now
+                                self._account(None, choices)
+                            elif data.get("usage"):
+                                self._account(data["usage"], [])
+                                if not self.client_wants_usage:
+                                    continue
+                    out.append(ev)
+                if out:
+                    if not self.started:
+                        await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
+                    await send({"type": "http.response.body", "body": b"\n\n".join(out) + b"\n\n",
+                                "more_body": True})
+        except httpx.HTTPError as e:
+            m.upstream_errors.labels(replica.url, "stream").inc()
+            if not self.started:
+                raise _Retry(APIError(502, f"the engine connection broke: {type(e).__name__}", code="engine_error"))
+            log.warning("engine %s broke mid-stream: %s", replica.url, e)
+        if not self.started:
+            await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
+        tail = b""
+        if not saw_done:  # the engine stopped without finishing: tell the client in-band, then end cleanly
+            err = error_body(502, "the engine stream ended unexpectedly", code="engine_error")
+            tail = b"data: " + json.dumps(err).encode() + b"\n\n" + DONE + b"\n\n"
+        await send({"type": "http.response.body", "body": tail, "more_body": False})

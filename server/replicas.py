@@ -1,0 +1,127 @@
+"""Engine replicas: background health probes, least-in-flight routing among healthy ones."""
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+
+import httpx
+
+from .errors import APIError
+from .metrics import Metrics
+
+log = logging.getLogger("leanserve.replicas")
+
+
+@dataclass(eq=False)
+class Replica:
+    url: str
+    healthy: bool = False
+    in_flight: int = 0
+    models: list[dict] = field(default_factory=list)  # /v1/models "data" entries as the engine reports them
+
+    def serves(self, model: str) -> bool:
+        return any(m.get("id") == model for m in self.models)
+
+
+class ReplicaPool:
+    def __init__(self, urls: list[str], client: httpx.AsyncClient, metrics: Metrics, interval: float = 2.0):
+        if not urls:
+            raise ValueError("at least one engine URL is needed")
+        self.replicas = [Replica(u) for u in urls]
+        self._client = client
+        self._metrics = metrics
+        self._interval = interval
+        self._task: asyncio.Task | None = None
+        self._changed = asyncio.Event()
+
+    # ---- health -------------------------------------------------------------------------------
+    async def probe(self, replica: Replica) -> None:
+        try:
+            r = await self._client.get(replica.url + "/health", timeout=self._interval * 2 + 1)
+            ok = r.status_code == 200
+            if ok:
+                m = await self._client.get(replica.url + "/v1/models", timeout=self._interval * 2 + 1)
+                m.raise_for_status()
+                replica.models = list(m.json().get("data", []))
+        except (httpx.HTTPError, ValueError) as e:
+            ok = False
+            if replica.healthy:
+                log.warning("engine %s failed its health probe: %s", replica.url, e)
+        if ok and not replica.healthy:
+            log.info("engine %s is healthy (models: %s)", replica.url, [m.get("id") for m in replica.models])
+        self.set_health(replica, ok)
+
+    def set_health(self, replica: Replica, ok: bool) -> None:
+        replica.healthy = ok
+        self._metrics.engine_healthy.labels(replica.url).set(1 if ok else 0)
+        self._changed.set()
+
+    async def probe_all(self) -> None:
+        await asyncio.gather(*(self.probe(r) for r in self.replicas))
+
+    async def _loop(self) -> None:
+        while True:
+            await self.probe_all()
+            await asyncio.sleep(self._interval)
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._loop())
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    async def wait_healthy(self, timeout: float) -> bool:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while not self.any_healthy():
+            self._changed.clear()
+            left = deadline - loop.time()
+            if left <= 0:
+                return False
+            try:
+                await asyncio.wait_for(self._changed.wait(), left)
+            except asyncio.TimeoutError:
+                return False
+        return True
+
+    # ---- routing ------------------------------------------------------------------------------
+    def any_healthy(self) -> bool:
+        return any(r.healthy for r in self.replicas)
+
+    def models(self) -> list[dict]:
+        """The union of the healthy engines' models, first engine's entry wins on duplicates."""
+        seen: dict[str, dict] = {}
+        for r in self.replicas:
+            if r.healthy:
+                for m in r.models:
+                    seen.setdefault(m.get("id"), m)
+        return list(seen.values())
+
+    def default_model(self) -> str | None:
+        ids = [m.get("id") for m in self.models()]
+        return ids[0] if len(ids) == 1 else None
+
+    def pick(self, model: str, exclude: set[Replica] | frozenset = frozenset()) -> Replica:
+        """Least in-flight healthy replica serving `model`; ties go to the earliest listed."""
+        if not self.any_healthy():
+            raise APIError(503, "no healthy engine is available; try again shortly", code="engine_unavailable")
+        candidates = [r for r in self.replicas if r.healthy and r.serves(model)]
+        if not candidates:
+            if any(r.healthy and r.serves(model) for r in self.replicas if r in exclude) or exclude:
+                raise APIError(503, f"no healthy engine left for model '{model}'", code="engine_unavailable")
+            raise APIError(404, f"The model '{model}' does not exist", param="model", code="model_not_found")
+        candidates = [r for r in candidates if r not in exclude]
+        if not candidates:
+            raise APIError(503, f"no healthy engine left for model '{model}'", code="engine_unavailable")
+        return min(candidates, key=lambda r: r.in_flight)
+
+    def acquire(self, r: Replica) -> None:
+        r.in_flight += 1
+        self._metrics.engine_in_flight.labels(r.url).set(r.in_flight)
+
+    def release(self, r: Replica) -> None:
+        r.in_flight -= 1
+        self._metrics.engine_in_flight.labels(r.url).set(r.in_flight)

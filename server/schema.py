@@ -1,0 +1,81 @@
+"""Validation of OpenAI request bodies at the gateway: catch malformed input with a clear 400 before it
+costs an engine anything. Only the fields the gateway reads or that commonly go wrong are typed; every
+other field passes through to vLLM untouched (extra="allow")."""
+from __future__ import annotations
+
+import json
+from typing import Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError
+
+from .errors import APIError
+
+Number = Union[StrictInt, StrictFloat]
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    model: StrictStr | None = None
+    stream: StrictBool | None = None
+    stream_options: dict[str, Any] | None = None
+    n: StrictInt | None = Field(None, ge=1, le=128)
+    max_tokens: StrictInt | None = Field(None, ge=1)
+    temperature: Number | None = Field(None, ge=0)
+    top_p: Number | None = Field(None, gt=0, le=1)
+    presence_penalty: Number | None = Field(None, ge=-2, le=2)
+    frequency_penalty: Number | None = Field(None, ge=-2, le=2)
+    seed: StrictInt | None = None
+    stop: StrictStr | list[StrictStr] | None = None
+    user: StrictStr | None = None
+    # leanserve's own knobs (later features); typed here so a wrong type is a 400 at the gateway.
+    top_h: Number | None = Field(None, gt=0, le=1)
+    trim: StrictBool | dict[str, Any] | None = None
+    vllm_xargs: dict[str, Any] | None = None
+
+
+class _Message(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    role: StrictStr
+
+
+class ChatBody(_Body):
+    messages: list[_Message] = Field(min_length=1)
+    max_completion_tokens: StrictInt | None = Field(None, ge=1)
+    logprobs: StrictBool | None = None
+    top_logprobs: StrictInt | None = Field(None, ge=0, le=20)
+
+
+class CompletionBody(_Body):
+    prompt: StrictStr | list[StrictStr] | list[StrictInt] | list[list[StrictInt]]
+    logprobs: StrictInt | None = Field(None, ge=0, le=20)
+    echo: StrictBool | None = None
+
+
+Endpoint = Literal["chat", "completions"]
+_MODELS = {"chat": ChatBody, "completions": CompletionBody}
+
+
+_TYPE_TAGS = {"str", "int", "float", "bool", "dict", "list", "none"}
+
+
+def _is_type_tag(part) -> bool:
+    return isinstance(part, str) and (part in _TYPE_TAGS or "[" in part or "-" in part)
+
+
+def parse_body(raw: bytes, endpoint: Endpoint) -> dict[str, Any]:
+    """Returns the body as a dict (original values, not re-serialised), or raises a 400 APIError."""
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise APIError(400, f"We could not parse the JSON body of your request: {e}", code="invalid_json")
+    if not isinstance(body, dict):
+        raise APIError(400, "The request body must be a JSON object.", code="invalid_json")
+    try:
+        _MODELS[endpoint].model_validate(body)
+    except ValidationError as e:
+        err = e.errors()[0]
+        # Union members appear in `loc` as type tags ("str", "list[int]"): not part of the field path.
+        param = ".".join(str(p) for p in err["loc"] if not _is_type_tag(p))
+        raise APIError(400, f"Invalid value for '{param}': {err['msg']}", param=param, code="invalid_value")
+    return body

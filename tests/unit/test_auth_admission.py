@@ -1,0 +1,63 @@
+import asyncio
+
+import httpx
+
+from tests.support.fake_upstream import MODEL
+
+CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+
+
+def test_api_keys(upstream, make_gateway):
+    gw = make_gateway([upstream.url], api_keys=["k-one", "k-two"])
+    url = gw.url + "/v1/chat/completions"
+    r = httpx.post(url, json=CHAT)
+    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    assert r.json()["error"]["type"] == "authentication_error"
+    assert httpx.post(url, json=CHAT, headers={"authorization": "Bearer wrong"}).status_code == 401
+    assert httpx.post(url, json=CHAT, headers={"authorization": "Basic k-one"}).status_code == 401
+    assert httpx.post(url, json=CHAT, headers={"authorization": "Bearer k-two"}).status_code == 200
+    assert httpx.get(gw.url + "/v1/models").status_code == 401
+    for path in ("/health", "/ready", "/metrics"):
+        assert httpx.get(gw.url + path).status_code == 200
+    assert len(upstream.requests) == 1
+
+
+def test_api_keys_protect_ops(upstream, make_gateway):
+    gw = make_gateway([upstream.url], api_keys=["k"], protect_ops_endpoints=True)
+    assert httpx.get(gw.url + "/metrics").status_code == 401
+    assert httpx.get(gw.url + "/metrics", headers={"authorization": "Bearer k"}).status_code == 200
+
+
+def test_queue_full_is_429_with_retry_after(upstream, make_gateway):
+    gw = make_gateway([upstream.url], max_concurrency=1, max_queue=1, retry_after=3)
+
+    async def scenario():
+        async with httpx.AsyncClient(timeout=30) as c:
+            slow = {**CHAT, "fake_first_token_delay": 1.0}
+            running = asyncio.create_task(c.post(gw.url + "/v1/chat/completions", json=slow))
+            await asyncio.sleep(0.2)
+            queued = asyncio.create_task(c.post(gw.url + "/v1/chat/completions", json=CHAT))
+            await asyncio.sleep(0.2)
+            rejected = await c.post(gw.url + "/v1/chat/completions", json=CHAT)
+            return await running, await queued, rejected
+    running, queued, rejected = asyncio.run(scenario())
+    assert running.status_code == 200 and queued.status_code == 200
+    assert rejected.status_code == 429 and rejected.headers["retry-after"] == "3"
+    assert rejected.json()["error"]["type"] == "rate_limit_error"
+    assert rejected.json()["error"]["code"] == "queue_full"
+
+
+def test_queue_timeout_is_429(upstream, make_gateway):
+    gw = make_gateway([upstream.url], max_concurrency=1, max_queue=5, queue_timeout=0.3)
+
+    async def scenario():
+        async with httpx.AsyncClient(timeout=30) as c:
+            running = asyncio.create_task(c.post(gw.url + "/v1/chat/completions",
+                                                 json={**CHAT, "fake_first_token_delay": 1.5}))
+            await asyncio.sleep(0.2)
+            late = await c.post(gw.url + "/v1/chat/completions", json=CHAT)
+            return await running, late
+    running, late = asyncio.run(scenario())
+    assert running.status_code == 200
+    assert late.status_code == 429 and late.json()["error"]["code"] == "queue_timeout"
+    assert "retry-after" in late.headers

@@ -1,0 +1,80 @@
+"""A client that leaves makes the gateway close the upstream request (the fake engine sees the close)."""
+import asyncio
+import time
+
+import httpx
+
+from tests.support.fake_upstream import MODEL
+
+CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stream": True}
+
+
+def wait_for(cond, timeout=5.0):
+    t0 = time.monotonic()
+    while not cond():
+        if time.monotonic() - t0 > timeout:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def metric(gw, name):
+    from prometheus_client.parser import text_string_to_metric_families
+    total = 0.0
+    for fam in text_string_to_metric_families(httpx.get(gw.url + "/metrics").text):
+        for s in fam.samples:
+            if s.name == name:
+                total += s.value
+    return total
+
+
+def test_disconnect_mid_stream_aborts_upstream(upstream, make_gateway):
+    gw = make_gateway([upstream.url])
+    with httpx.stream("POST", gw.url + "/v1/chat/completions",
+                      json={**CHAT, "max_tokens": 1000, "fake_token_delay": 0.05}) as r:
+        lines = r.iter_lines()
+        got = [line for _, line in zip(range(6), lines)]
+        assert any("tok0" in line for line in got)
+    assert wait_for(lambda: upstream.disconnects == 1 and upstream.active == 0)
+    assert upstream.completed == 0
+    assert wait_for(lambda: metric(gw, "leanserve_client_disconnects_total") == 1)
+    assert metric(gw, "leanserve_requests_in_flight") == 0
+
+
+def test_disconnect_before_first_token_aborts_upstream(upstream, make_gateway):
+    gw = make_gateway([upstream.url])
+    try:
+        httpx.post(gw.url + "/v1/chat/completions", json={**CHAT, "fake_first_token_delay": 30}, timeout=0.5)
+    except httpx.ReadTimeout:
+        pass
+    assert wait_for(lambda: upstream.disconnects == 1 and upstream.active == 0)
+
+
+def test_disconnect_non_stream_aborts_upstream(upstream, make_gateway):
+    gw = make_gateway([upstream.url])
+    try:
+        httpx.post(gw.url + "/v1/chat/completions", json={**CHAT, "stream": False, "fake_first_token_delay": 30},
+                   timeout=0.5)
+    except httpx.ReadTimeout:
+        pass
+    assert wait_for(lambda: upstream.disconnects == 1 and upstream.active == 0)
+
+
+def test_disconnect_while_queued_frees_the_place(upstream, make_gateway):
+    gw = make_gateway([upstream.url], max_concurrency=1, max_queue=4)
+
+    async def scenario():
+        async with httpx.AsyncClient(timeout=30) as c:
+            hold = asyncio.create_task(c.post(gw.url + "/v1/chat/completions",
+                                              json={**CHAT, "max_tokens": 2, "fake_first_token_delay": 1.5}))
+            await asyncio.sleep(0.3)
+            try:
+                await c.post(gw.url + "/v1/chat/completions", json={**CHAT, "max_tokens": 2}, timeout=0.3)
+            except httpx.ReadTimeout:
+                pass
+            assert wait_for(lambda: metric(gw, "leanserve_requests_queued") == 0)
+            r = await hold
+            assert r.status_code == 200
+    asyncio.run(scenario())
+    assert len(upstream.requests) == 1  # the one that left never reached the engine
+    assert metric(gw, "leanserve_requests_in_flight") == 0
