@@ -2,10 +2,9 @@
 from __future__ import annotations
 
 import contextlib
-import time
 
-import httpx
-from fastapi import FastAPI, Request
+import aiohttp
+from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -17,26 +16,12 @@ from .auth import APIKeyAuth
 from .config import Settings
 from .errors import APIError, error_body
 from .metrics import Metrics
-from .relay import Gateway, RelayResponse
+from .relay import Gateway, RelayRoutes
 from .replicas import ReplicaPool
-from .schema import parse_body
 
 
 def _error(status: int, message: str, headers: dict | None = None, **kw) -> JSONResponse:
     return JSONResponse(error_body(status, message, **kw), status_code=status, headers=headers)
-
-
-async def _read_body(request: Request, limit: int) -> bytes:
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > limit:
-        raise APIError(413, f"request body larger than {limit} bytes", code="body_too_large")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise APIError(413, f"request body larger than {limit} bytes", code="body_too_large")
-        chunks.append(chunk)
-    return b"".join(chunks)
 
 
 def create_app(settings: Settings, metrics: Metrics | None = None) -> FastAPI:
@@ -45,9 +30,11 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
-        timeout = httpx.Timeout(settings.upstream_timeout, connect=settings.upstream_connect_timeout, pool=None)
-        limits = httpx.Limits(max_connections=None, max_keepalive_connections=512)
-        async with httpx.AsyncClient(timeout=timeout, limits=limits) as client:
+        # sock_read bounds silence between bytes, not the whole (possibly long) generation.
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=settings.upstream_connect_timeout,
+                                        sock_read=settings.upstream_timeout)
+        connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300)
+        async with aiohttp.ClientSession(timeout=timeout, connector=connector, auto_decompress=False) as client:
             pool = ReplicaPool(settings.engines, client, metrics, settings.health_interval)
             await pool.probe_all()  # routable from the first request when engines are already up
             pool.start()
@@ -79,20 +66,6 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> FastAPI:
     async def _unexpected(request, exc: Exception):  # a bug of ours: still answer in OpenAI's shape
         return _error(500, f"internal gateway error: {type(exc).__name__}")
 
-    async def relay(request: Request, endpoint: str, path: str):
-        arrival = time.perf_counter()
-        raw = await _read_body(request, settings.max_body_bytes)
-        body = parse_body(raw, endpoint)
-        return RelayResponse(state["gw"], body, path, endpoint, arrival)
-
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request):
-        return await relay(request, "chat", "/v1/chat/completions")
-
-    @app.post("/v1/completions")
-    async def completions(request: Request):
-        return await relay(request, "completions", "/v1/completions")
-
     @app.get("/v1/models")
     async def models():
         return {"object": "list", "data": state["gw"].pool.models()}
@@ -115,6 +88,7 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> FastAPI:
     async def prometheus_metrics():
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    if settings.api_keys:
+    app.add_middleware(RelayRoutes, state=state, max_body_bytes=settings.max_body_bytes)
+    if settings.api_keys:  # added last = outermost: runs before the relay routes
         app.add_middleware(APIKeyAuth, keys=settings.api_keys, protect_ops=settings.protect_ops_endpoints)
     return app

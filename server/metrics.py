@@ -10,6 +10,17 @@ E2E_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.
 QUEUE_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
 
 
+class RequestMetrics:
+    """Label-bound children for one (model, endpoint): .labels() is the costly part of an observation."""
+
+    def __init__(self, m: "Metrics", model: str, endpoint: str):
+        self.ttft = m.ttft.labels(model, endpoint)
+        self.itl = m.itl.labels(model, endpoint)
+        self.e2e = m.e2e.labels(model, endpoint)
+        self.prompt_tokens = m.prompt_tokens.labels(model)
+        self.completion_tokens = m.completion_tokens.labels(model)
+
+
 class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None):
         self.registry = r = registry or CollectorRegistry()
@@ -42,3 +53,11 @@ class Metrics:
                                     ["replica"], registry=r)
         self.engine_in_flight = Gauge(p + "engine_requests_in_flight", "Requests the gateway has open on an engine",
                                       ["replica"], registry=r)
+        self._bound: dict[tuple[str, str], RequestMetrics] = {}
+
+    def bound(self, model: str, endpoint: str) -> RequestMetrics:
+        key = (model, endpoint)
+        b = self._bound.get(key)
+        if b is None:
+            b = self._bound[key] = RequestMetrics(self, model, endpoint)
+        return b

@@ -5,7 +5,7 @@ import asyncio
 import logging
 from dataclasses import dataclass, field
 
-import httpx
+import aiohttp
 
 from .errors import APIError
 from .metrics import Metrics
@@ -25,10 +25,11 @@ class Replica:
 
 
 class ReplicaPool:
-    def __init__(self, urls: list[str], client: httpx.AsyncClient, metrics: Metrics, interval: float = 2.0):
+    def __init__(self, urls: list[str], client: aiohttp.ClientSession, metrics: Metrics, interval: float = 2.0):
         if not urls:
             raise ValueError("at least one engine URL is needed")
         self.replicas = [Replica(u) for u in urls]
+        self._gauges = {r: metrics.engine_in_flight.labels(r.url) for r in self.replicas}
         self._client = client
         self._metrics = metrics
         self._interval = interval
@@ -37,17 +38,18 @@ class ReplicaPool:
 
     # ---- health -------------------------------------------------------------------------------
     async def probe(self, replica: Replica) -> None:
+        timeout = aiohttp.ClientTimeout(total=self._interval * 2 + 1)
         try:
-            r = await self._client.get(replica.url + "/health", timeout=self._interval * 2 + 1)
-            ok = r.status_code == 200
+            async with self._client.get(replica.url + "/health", timeout=timeout) as r:
+                ok = r.status == 200
             if ok:
-                m = await self._client.get(replica.url + "/v1/models", timeout=self._interval * 2 + 1)
-                m.raise_for_status()
-                replica.models = list(m.json().get("data", []))
-        except (httpx.HTTPError, ValueError) as e:
+                async with self._client.get(replica.url + "/v1/models", timeout=timeout) as m:
+                    m.raise_for_status()
+                    replica.models = list((await m.json(content_type=None)).get("data", []))
+        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError, AttributeError) as e:
             ok = False
             if replica.healthy:
-                log.warning("engine %s failed its health probe: %s", replica.url, e)
+                log.warning("engine %s failed its health probe: %r", replica.url, e)
         if ok and not replica.healthy:
             log.info("engine %s is healthy (models: %s)", replica.url, [m.get("id") for m in replica.models])
         self.set_health(replica, ok)
@@ -120,8 +122,8 @@ class ReplicaPool:
 
     def acquire(self, r: Replica) -> None:
         r.in_flight += 1
-        self._metrics.engine_in_flight.labels(r.url).set(r.in_flight)
+        self._gauges[r].set(r.in_flight)
 
     def release(self, r: Replica) -> None:
         r.in_flight -= 1
-        self._metrics.engine_in_flight.labels(r.url).set(r.in_flight)
+        self._gauges[r].set(r.in_flight)
