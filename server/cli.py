@@ -61,6 +61,13 @@ def _cmd_prepare_model(args) -> int:
     return 0
 
 
+def _cmd_eval(args) -> int:
+    if args.what == "trim":
+        from .trimming import offline_eval
+        return offline_eval.main(args.args)
+    raise AssertionError(args.what)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="leanserve", description="OpenAI-compatible gateway in front of vLLM")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -73,6 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--force", action="store_true", help="convert again even if a verified copy exists")
     m.add_argument("--quiet", action="store_true", help="no progress bar")
     m.set_defaults(func=_cmd_prepare_model)
+    e = sub.add_parser("eval", help="offline evaluations (trim: thought trimming on recorded reasoning traces)")
+    e.add_argument("what", choices=["trim"])
+    e.add_argument("args", nargs=argparse.REMAINDER, help="arguments of the evaluation (see `leanserve eval trim -h`)")
+    e.set_defaults(func=_cmd_eval)
     return p
 
 
