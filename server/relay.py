@@ -20,7 +20,7 @@ from .admission import Admission
 from .errors import APIError, error_body, normalize_upstream_error
 from .metrics import Metrics
 from .replicas import Replica, ReplicaPool
-from .schema import parse_body
+from .schema import engine_body, parse_body
 
 log = logging.getLogger("leanserve.relay")
 
@@ -174,7 +174,7 @@ class RelayResponse:
             gw.admission.release()
 
     def _upstream_body(self) -> bytes:
-        body = self.body
+        body = engine_body(self.body)
         if self.stream:
             # Always ask the engine for usage so token metrics are exact; dropped again if the client didn't ask.
             body = dict(body)

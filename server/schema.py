@@ -63,6 +63,17 @@ def _is_type_tag(part) -> bool:
     return isinstance(part, str) and (part in _TYPE_TAGS or "[" in part or "-" in part)
 
 
+def engine_body(body: dict[str, Any]) -> dict[str, Any]:
+    """The body sent to vLLM: leanserve's top-level knobs move to where the engine reads them."""
+    if body.get("top_h") is None:
+        body.pop("top_h", None)
+        return body
+    body = dict(body)
+    # Engine-side knobs travel in vllm_xargs and arrive in SamplingParams.extra_args.
+    body["vllm_xargs"] = {**(body.get("vllm_xargs") or {}), "top_h": body.pop("top_h")}
+    return body
+
+
 def parse_body(raw: bytes, endpoint: Endpoint) -> dict[str, Any]:
     """Returns the body as a dict (original values, not re-serialised), or raises a 400 APIError."""
     try:
@@ -78,4 +89,7 @@ def parse_body(raw: bytes, endpoint: Endpoint) -> dict[str, Any]:
         # Union members appear in `loc` as type tags ("str", "list[int]"): not part of the field path.
         param = ".".join(str(p) for p in err["loc"] if not _is_type_tag(p))
         raise APIError(400, f"Invalid value for '{param}': {err['msg']}", param=param, code="invalid_value")
+    if body.get("trim") not in (None, False):
+        raise APIError(400, "thought trimming ('trim') is not available on this server yet", param="trim",
+                       code="unsupported_parameter")
     return body

