@@ -1,0 +1,316 @@
+"""Offline 2:4 pruning of Llama-style HF checkpoints: magnitude, Wanda, SparseGPT.
+
+Every nn.Linear inside the decoder blocks (model.model.layers[*]) is pruned to 2:4
+along its input dimension (each group of 4 consecutive input columns of each output
+row keeps 2 weights). Embeddings and lm_head are left dense. Calibration is
+sequential as in the SparseGPT / Wanda reference code: the inputs of block i+1 are
+the outputs of the already pruned block i. All math is float32 on CPU.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import torch
+from torch import nn
+
+from .format import count_24_violations
+
+METHODS = ("magnitude", "wanda", "sparsegpt")
+
+
+# ----------------------------------------------------------------------------- per-layer pruners
+
+def mask_24(score: torch.Tensor) -> torch.Tensor:
+    """Keep-mask [N, K] (bool) keeping the 2 highest scores of each group of 4 along K."""
+    n, k = score.shape
+    if k % 4:
+        raise ValueError(f"2:4 pruning needs in_features to be a multiple of 4, got {k}")
+    top = score.reshape(n, k // 4, 4).topk(2, dim=-1).indices
+    keep = torch.zeros(n, k // 4, 4, dtype=torch.bool, device=score.device)
+    return keep.scatter_(-1, top, True).reshape(n, k)
+
+
+def prune_magnitude(w: torch.Tensor) -> torch.Tensor:
+    """Drop the 2 smallest |w| of each group of 4."""
+    return w * mask_24(w.abs())
+
+
+def prune_wanda(w: torch.Tensor, act_sq: torch.Tensor) -> torch.Tensor:
+    """Wanda: score |W_ij| * ||X_j||_2; act_sq[j] = sum of x_j^2 over calibration tokens."""
+    return w * mask_24(w.abs() * act_sq.float().sqrt()[None, :])
+
+
+@torch.no_grad()
+def prune_sparsegpt(w: torch.Tensor, hessian: torch.Tensor, blocksize: int = 128,
+                    percdamp: float = 0.01) -> torch.Tensor:
+    """SparseGPT with prune_n=2, prune_m=4 (Frantar & Alistarh 2023, reference implementation).
+
+    hessian: X X^T (any positive scale) over calibration tokens, [K, K].
+    Within each group of 4 the 2 weights with the smallest w^2 / [H^-1]_jj^2 are
+    pruned (H^-1 in its upper Cholesky form), and the OBS update spreads their
+    error over the columns not processed yet.
+    """
+    if blocksize % 4:
+        raise ValueError("blocksize must be a multiple of 4")
+    W = w.detach().clone().float()
+    H = hessian.detach().clone().float()
+    ncols = W.shape[1]
+    if ncols % 4:
+        raise ValueError(f"2:4 pruning needs in_features to be a multiple of 4, got {ncols}")
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    damp = percdamp * torch.mean(torch.diag(H))
+    H += damp * torch.eye(ncols, dtype=H.dtype)
+    Hinv = torch.linalg.cholesky(H)
+    Hinv = torch.cholesky_inverse(Hinv)
+    Hinv = torch.linalg.cholesky(Hinv, upper=True)
+
+    for i1 in range(0, ncols, blocksize):
+        i2 = min(i1 + blocksize, ncols)
+        W1 = W[:, i1:i2].clone()
+        Q1 = torch.zeros_like(W1)
+        Err1 = torch.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        d1 = torch.diag(Hinv1)
+        prune1 = torch.zeros_like(W1, dtype=torch.bool)
+        for i in range(i2 - i1):
+            if i % 4 == 0:  # choose this group's mask from the current (updated) weights
+                score = W1[:, i:i + 4] ** 2 / d1[i:i + 4].reshape(1, -1) ** 2
+                prune1.scatter_(1, i + score.topk(2, dim=1, largest=False).indices, True)
+            w_col = W1[:, i]
+            q = w_col.masked_fill(prune1[:, i], 0.0)
+            Q1[:, i] = q
+            err = (w_col - q) / Hinv1[i, i]
+            W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
+            Err1[:, i] = err
+        W[:, i1:i2] = Q1
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+    return W.to(w.dtype)
+
+
+class LinearStats:
+    """Accumulates what a pruner needs from the inputs of one nn.Linear."""
+
+    def __init__(self, in_features: int, method: str):
+        self.method = method
+        self.tokens = 0
+        if method == "wanda":
+            self.sq = torch.zeros(in_features)
+        elif method == "sparsegpt":
+            self.H = torch.zeros(in_features, in_features)
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.detach().reshape(-1, x.shape[-1]).float()
+        self.tokens += x.shape[0]
+        if self.method == "wanda":
+            self.sq += (x * x).sum(0)
+        elif self.method == "sparsegpt":
+            self.H += x.t() @ x
+
+    def prune(self, w: torch.Tensor, blocksize: int = 128, percdamp: float = 0.01) -> torch.Tensor:
+        if self.method == "magnitude":
+            return prune_magnitude(w)
+        if self.method == "wanda":
+            return prune_wanda(w, self.sq)
+        return prune_sparsegpt(w, self.H / max(self.tokens, 1), blocksize, percdamp)
+
+
+# ----------------------------------------------------------------------------- sequential block loop
+
+def find_linears(module: nn.Module) -> dict[str, nn.Linear]:
+    return {name: m for name, m in module.named_modules() if isinstance(m, nn.Linear)}
+
+
+class _Stop(Exception):
+    pass
+
+
+def _capture_block0_inputs(model, layers, calib_ids):
+    """Run the model on each sample up to block 0 and keep that block's (args, kwargs)."""
+    captured = []
+
+    def hook(_module, args, kwargs):
+        captured.append((tuple(a.detach() if torch.is_tensor(a) else a for a in args), dict(kwargs)))
+        raise _Stop
+
+    handle = layers[0].register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for j in range(calib_ids.shape[0]):
+            try:
+                model(calib_ids[j:j + 1], use_cache=False)
+            except _Stop:
+                pass
+    finally:
+        handle.remove()
+    return captured
+
+
+def _run_block(layer, args, kwargs, hidden):
+    if args:
+        out = layer(hidden, *args[1:], **kwargs)
+    else:
+        out = layer(**{**kwargs, "hidden_states": hidden})
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+@torch.no_grad()
+def prune_model_inplace(model, method: str, calib_ids: torch.Tensor | None = None,
+                        progress: bool = True, blocksize: int = 128,
+                        percdamp: float = 0.01) -> dict[str, int]:
+    """Prune every nn.Linear of model.model.layers to 2:4. calib_ids: [samples, seqlen] token ids
+    (ignored for magnitude). Returns {linear name: number of weights}."""
+    from tqdm.auto import tqdm
+
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+    layers = model.model.layers
+    pruned: dict[str, int] = {}
+    bar = tqdm(range(len(layers)), desc=f"2:4 {method}", disable=not progress)
+
+    if method == "magnitude":
+        for i in bar:
+            for name, lin in find_linears(layers[i]).items():
+                lin.weight.data = prune_magnitude(lin.weight.data.float()).to(lin.weight.dtype)
+                pruned[f"model.layers.{i}.{name}"] = lin.weight.numel()
+        return pruned
+
+    if calib_ids is None:
+        raise ValueError(f"method {method!r} needs calibration token ids")
+    captured = _capture_block0_inputs(model, layers, calib_ids)
+    hidden = [args[0] if args else kw["hidden_states"] for args, kw in captured]
+    for i in bar:
+        layer = layers[i]
+        linears = find_linears(layer)
+        stats = {name: LinearStats(lin.in_features, method) for name, lin in linears.items()}
+        hooks = [lin.register_forward_hook(lambda _m, inp, _o, s=stats[name]: s.add(inp[0]))
+                 for name, lin in linears.items()]
+        try:
+            for (args, kw), h in zip(captured, hidden):
+                _run_block(layer, args, kw, h)
+        finally:
+            for hk in hooks:
+                hk.remove()
+        for name, lin in linears.items():
+            new_w = stats[name].prune(lin.weight.data.float(), blocksize, percdamp)
+            lin.weight.data = new_w.to(lin.weight.dtype)
+            pruned[f"model.layers.{i}.{name}"] = lin.weight.numel()
+        # The next block calibrates on the outputs of this pruned block.
+        hidden = [_run_block(layer, args, kw, h) for (args, kw), h in zip(captured, hidden)]
+    return pruned
+
+
+# ----------------------------------------------------------------------------- data, CLI entry points
+
+def _tokenize_file(tokenizer, path: str) -> torch.Tensor:
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    return torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+
+
+def calibration_windows(ids: torch.Tensor, samples: int, seqlen: int, seed: int = 0) -> torch.Tensor:
+    """`samples` random windows of `seqlen` tokens from a 1-D id tensor (seeded) -> [samples, seqlen]."""
+    if ids.numel() <= seqlen:
+        raise ValueError(f"calibration text has {ids.numel()} tokens, need more than seqlen={seqlen}")
+    g = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, ids.numel() - seqlen, (samples,), generator=g)
+    return torch.stack([ids[s:s + seqlen] for s in starts.tolist()])
+
+
+def _save_dtype(model_dir: str):
+    with open(os.path.join(model_dir, "config.json")) as f:
+        cfg = json.load(f)
+    name = cfg.get("dtype") or cfg.get("torch_dtype")
+    return {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(name)
+
+
+def prune_model(model_dir: str, out_dir: str, method: str, calib_path: str | None = None,
+                samples: int = 128, seqlen: int = 2048, progress: bool = True,
+                seed: int = 0) -> dict:
+    """Prune a HF Llama-style checkpoint to 2:4 and save it (safetensors + tokenizer) to out_dir.
+
+    config.json gets "leanserve_sparsity": {"format": "2:4", "method", "samples", "seqlen", "calib"}.
+    Returns a summary dict.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+    if method != "magnitude" and not calib_path:
+        raise ValueError(f"method {method!r} needs a calibration text file (--calib)")
+    t0 = time.time()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model.eval()
+    calib = None
+    if method != "magnitude":
+        calib = calibration_windows(_tokenize_file(tokenizer, calib_path), samples, seqlen, seed)
+    pruned = prune_model_inplace(model, method, calib, progress=progress)
+
+    params = dict(model.named_parameters())
+    bad = {n: count_24_violations(params[n + ".weight"]) for n in pruned}
+    bad = {n: v for n, v in bad.items() if v}
+    if bad:
+        raise RuntimeError(f"pruned weights are not 2:4: {bad}")
+
+    save_dtype = _save_dtype(model_dir)
+    if save_dtype is not None:
+        model.to(save_dtype)
+    os.makedirs(out_dir, exist_ok=True)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+    marker = {"format": "2:4", "method": method,
+              "samples": samples if calib is not None else 0,
+              "seqlen": seqlen if calib is not None else 0,
+              "calib": os.path.basename(calib_path) if calib is not None else None}
+    cfg_path = os.path.join(out_dir, "config.json")
+    with open(cfg_path) as f:
+        cfg = json.load(f)
+    cfg["leanserve_sparsity"] = marker
+    with open(cfg_path, "w") as f:
+        json.dump(cfg, f, indent=2, sort_keys=True)
+        f.write("\n")
+    return {**marker, "out_dir": out_dir, "linears": len(pruned),
+            "pruned_weights": sum(pruned.values()) // 2, "seconds": round(time.time() - t0, 1)}
+
+
+@torch.no_grad()
+def eval_perplexity(model_dir: str, text_path: str, seqlen: int = 2048, max_tokens: int | None = None,
+                    stride: int | None = None, progress: bool = False) -> float:
+    """Perplexity of a HF causal LM (float32) on a text file.
+
+    The file is tokenized whole (optionally cut to max_tokens). Windows of seqlen start every
+    `stride` tokens (default: seqlen, i.e. non-overlapping); each window scores only the tokens
+    not scored by an earlier window. A window's first token has no context and is not scored, so
+    non-overlapping windows score seqlen - 1 tokens each (the convention of the SparseGPT/Wanda
+    evaluations); the last, shorter window is kept.
+    """
+    from tqdm.auto import tqdm
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    ids = _tokenize_file(tokenizer, text_path)
+    if max_tokens:
+        ids = ids[:max_tokens]
+    stride = stride or seqlen
+    if not 0 < stride <= seqlen:
+        raise ValueError("need 0 < stride <= seqlen")
+    n = ids.numel()
+    nll, count, scored_to = 0.0, 0, 1  # token 0 has no context
+    for begin in tqdm(range(0, max(n - 1, 1), stride), disable=not progress, desc="ppl"):
+        end = min(begin + seqlen, n)
+        if end - begin < 2:
+            break
+        window = ids[begin:end]
+        logits = model(window[None], use_cache=False).logits[0, :-1].float()
+        lo = max(scored_to, begin + 1)  # first position to score (needs one token of context)
+        first = lo - begin - 1  # its index in the targets window[1:]
+        nll += torch.nn.functional.cross_entropy(logits[first:], window[1:][first:], reduction="sum").item()
+        count += end - lo
+        scored_to = end
+        if end == n:
+            break
+    return float(torch.exp(torch.tensor(nll / count)))
