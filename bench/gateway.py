@@ -23,7 +23,7 @@ from pathlib import Path
 import httpx
 import psutil
 
-from server.supervisor import EngineProcess, cpu_engine, engine_command, engine_env
+from bench.engine import MODEL, default_engine
 from tests.support.servers import free_port
 
 CONTENT = re.compile(rb'"content": ?"[^"]')  # a non-empty content delta = one token event
@@ -90,26 +90,17 @@ async def load(url: str, body: dict, concurrency: int, requests: int) -> dict:
 
 
 def real_part(rounds: int, max_tokens: int) -> list[dict]:
-    from kernels.model_prep import DEFAULT_MODEL_NAME, default_model_dir, verify
-    if not verify(default_model_dir()):
-        raise SystemExit("prepare the default model first: leanserve prepare-model")
-    port = free_port()
-    cpu = cpu_engine()
-    eng = EngineProcess(engine_command(str(default_model_dir()), DEFAULT_MODEL_NAME, port, "float32", "", cpu),
-                        engine_env(cpu), port)
-    eng.start()
     rows = []
-    try:
-        eng.wait_healthy(600)
-        gw, gw_url = start_gateway(eng.url)
+    with default_engine() as engine_url:
+        gw, gw_url = start_gateway(engine_url)
         try:
-            body = {"model": DEFAULT_MODEL_NAME, "messages": [{"role": "user", "content": "Tell me a long story."}],
+            body = {"model": MODEL, "messages": [{"role": "user", "content": "Tell me a long story."}],
                     "max_tokens": max_tokens, "ignore_eos": True, "temperature": 0.8, "stream": True}
-            asyncio.run(load(eng.url, body, 4, 4))  # warm-up
+            asyncio.run(load(engine_url, body, 4, 4))  # warm-up
             for conc, n in ((1, 4), (16, 32)):
                 acc = {"direct": [], "gateway": []}
                 for i in range(rounds):  # alternate to cancel drift
-                    order = [("direct", eng.url), ("gateway", gw_url)]
+                    order = [("direct", engine_url), ("gateway", gw_url)]
                     for name, url in (order if i % 2 == 0 else order[::-1]):
                         acc[name].append(asyncio.run(load(url, body, conc, n)))
                 d = {k: _merge(v) for k, v in acc.items()}
@@ -119,8 +110,6 @@ def real_part(rounds: int, max_tokens: int) -> list[dict]:
         finally:
             gw.terminate()
             gw.wait()
-    finally:
-        eng.stop()
     return rows
 
 
