@@ -18,6 +18,7 @@ from .errors import APIError, error_body
 from .metrics import Metrics
 from .relay import Gateway, RelayRoutes
 from .replicas import ReplicaPool
+from .trimming.stream import TrimService
 
 
 def _error(status: int, message: str, headers: dict | None = None, **kw) -> JSONResponse:
@@ -40,7 +41,7 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> FastAPI:
             pool.start()
             admission = Admission(settings.max_concurrency, settings.max_queue, settings.queue_timeout,
                                   settings.retry_after, metrics)
-            state["gw"] = Gateway(pool, admission, client, metrics)
+            state["gw"] = Gateway(pool, admission, client, metrics, TrimService.from_settings(settings))
             try:
                 yield
             finally:

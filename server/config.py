@@ -35,6 +35,13 @@ class Settings(BaseSettings):
     upstream_timeout: float = Field(600.0, gt=0, description="seconds an engine may stay silent during a request")
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="largest accepted request body")
     log_level: str = Field("info", description="gateway log level")
+    # thought trimming (server/trimming/stream.py)
+    trim_default: bool = Field(False, description="trim thinking of chat requests that do not set `trim`")
+    trim_verifier_url: str = Field("", description="OpenAI-compatible server the 'model' trim verifier asks "
+                                   "(empty = the engine serving the request)")
+    trim_verifier_model: str = Field("", description="model the 'model' trim verifier asks (empty = the request's)")
+    trim_verifier_timeout: float = Field(10.0, gt=0, description="seconds a 'model' verifier call may take; "
+                                         "slower counts as no decision")
 
     @field_validator("engines", "api_keys", mode="before")
     @classmethod

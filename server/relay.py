@@ -21,6 +21,7 @@ from .errors import APIError, error_body, normalize_upstream_error
 from .metrics import Metrics
 from .replicas import Replica, ReplicaPool
 from .schema import engine_body, parse_body
+from .trimming.stream import TrimPlan, TrimService, plan_trim
 
 log = logging.getLogger("leanserve.relay")
 
@@ -46,6 +47,7 @@ class Gateway:
     admission: Admission
     client: aiohttp.ClientSession
     metrics: Metrics
+    trim: TrimService | None = None  # thought trimming settings and verifiers
 
 
 async def send_json(send, status: int, body: Any, headers: dict[str, str] | None = None) -> None:
@@ -122,6 +124,9 @@ class RelayResponse:
         self.client_wants_usage = bool(opts.get("include_usage"))
         self.status = 0  # final status for metrics; 499 = client went away
         self.started = False  # response headers sent to the client
+        # Thought trimming (server/trimming/stream.py) serves this request instead of the plain relay.
+        self.trim: TrimPlan | None = (plan_trim(gw, body, endpoint)
+                                      if "trim" in body or (gw.trim is not None and gw.trim.default) else None)
 
     # ---- ASGI entry ---------------------------------------------------------------------------
     async def __call__(self, scope, receive, send) -> None:
@@ -174,6 +179,8 @@ class RelayResponse:
             gw.admission.release()
 
     def _upstream_body(self) -> bytes:
+        if self.trim is not None:
+            return self.trim.upstream_body(self.body)
         body = engine_body(self.body)
         if self.stream:
             # Always ask the engine for usage so token metrics are exact; dropped again if the client didn't ask.
@@ -225,6 +232,8 @@ class RelayResponse:
                     gw.metrics.upstream_errors.labels(replica.url, f"http_{resp.status}").inc()
                     raise _Retry(APIError(resp.status, err["error"]["message"], code=err["error"]["code"]))
                 await send_json(send, resp.status, err)
+            elif self.trim is not None:  # streaming or not: the engine streams, trimming relays
+                await self.trim.relay(self, resp, replica, send)
             elif self.stream:
                 await self._relay_stream(resp, replica, send)
             else:

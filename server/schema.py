@@ -34,6 +34,17 @@ class _Body(BaseModel):
     vllm_xargs: dict[str, Any] | None = None
 
 
+class TrimOptions(BaseModel):
+    """The `trim` knob (thought trimming, server/trimming/stream.py); `trim: true` means these defaults."""
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: StrictBool = True
+    consistency: StrictInt = Field(2, ge=1, le=10)
+    max_thoughts: StrictInt = Field(100, ge=1)
+    thinking_budget: StrictInt | None = Field(None, ge=1)
+    verifier: Literal["rule", "model"] = "rule"
+
+
 class _Message(BaseModel):
     model_config = ConfigDict(extra="allow")
     role: StrictStr
@@ -65,6 +76,8 @@ def _is_type_tag(part) -> bool:
 
 def engine_body(body: dict[str, Any]) -> dict[str, Any]:
     """The body sent to vLLM: leanserve's top-level knobs move to where the engine reads them."""
+    if "trim" in body:  # thought trimming is the gateway's own: vLLM never sees it
+        body = {k: v for k, v in body.items() if k != "trim"}
     if body.get("top_h") is None:
         body.pop("top_h", None)
         return body
@@ -90,6 +103,24 @@ def parse_body(raw: bytes, endpoint: Endpoint) -> dict[str, Any]:
         param = ".".join(str(p) for p in err["loc"] if not _is_type_tag(p))
         raise APIError(400, f"Invalid value for '{param}': {err['msg']}", param=param, code="invalid_value")
     if body.get("trim") not in (None, False):
-        raise APIError(400, "thought trimming ('trim') is not available on this server yet", param="trim",
-                       code="unsupported_parameter")
+        _check_trim(body, endpoint)
     return body
+
+
+def _check_trim(body: dict[str, Any], endpoint: Endpoint) -> None:
+    """An explicit `trim` must be valid and applicable (the server default silently skips where it is not)."""
+    trim = body["trim"]
+    if isinstance(trim, dict):
+        try:
+            opts = TrimOptions.model_validate(trim)
+        except ValidationError as e:
+            err = e.errors()[0]
+            param = ".".join(["trim", *(str(p) for p in err["loc"])])
+            raise APIError(400, f"Invalid value for '{param}': {err['msg']}", param=param, code="invalid_value")
+        if not opts.enabled:
+            return
+    if endpoint != "chat":
+        raise APIError(400, "thought trimming ('trim') is available on /v1/chat/completions only", param="trim",
+                       code="unsupported_parameter")
+    if (body.get("n") or 1) != 1:
+        raise APIError(400, "thought trimming ('trim') needs n=1", param="trim", code="unsupported_parameter")

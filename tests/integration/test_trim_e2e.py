@@ -1,0 +1,138 @@
+"""Thought trimming end to end on the real vLLM CPU engine (SmolLM2-135M-Instruct, which does not think
+on its own: a system message asks for thinking in <think> tags and the assistant turn is prefilled
+with "<think>\\n", so every generated token is thinking until the model closes the tag). A small
+thinking_budget makes the cut deterministic; the point is that the trim path runs on a real engine:
+abort, continuation with continue_final_message, one well-formed stream, honest usage, no request
+left running after a client disconnect."""
+import json
+import time
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from server.trimming.stream import CLOSING_PHRASE
+from tests.integration.conftest import MODEL
+
+pytestmark = pytest.mark.integration
+SYSTEM = ("You are a careful solver. First think step by step inside <think> and </think> tags, "
+          "checking your work, then give the final answer.")
+PREFILL = "<think>\n"
+MESSAGES = [{"role": "system", "content": SYSTEM},
+            {"role": "user", "content": "A farmer has 3 pens with 4 sheep each. How many sheep are there?"},
+            {"role": "assistant", "content": PREFILL}]
+BODY = {"model": MODEL, "messages": MESSAGES, "continue_final_message": True, "add_generation_prompt": False,
+        "temperature": 0, "stream": True}
+
+
+def sse(resp):
+    for line in resp.iter_lines():
+        if line.startswith("data: "):
+            payload = line[6:]
+            yield payload if payload == "[DONE]" else json.loads(payload)
+
+
+def running(engine_url) -> float:
+    total = 0.0
+    for fam in text_string_to_metric_families(httpx.get(engine_url + "/metrics", timeout=10).text):
+        for s in fam.samples:
+            if s.name == "vllm:num_requests_running":
+                total += s.value
+    return total
+
+
+def wait_idle(engine_url, timeout=20.0) -> bool:
+    t0 = time.monotonic()
+    while running(engine_url) > 0:
+        if time.monotonic() - t0 > timeout:
+            return False
+        time.sleep(0.2)
+    return True
+
+
+def prompt_tokens(engine_url, messages) -> int:
+    r = httpx.post(engine_url + "/tokenize", json={"model": MODEL, "messages": messages,
+                                                   "add_generation_prompt": False, "continue_final_message": True},
+                   timeout=30)
+    r.raise_for_status()
+    return r.json()["count"]
+
+
+def test_budget_trim_end_to_end(served):
+    assert wait_idle(served.engine_url)
+    body = {**BODY, "max_tokens": 48, "stream_options": {"include_usage": True},
+            "trim": {"thinking_budget": 12, "consistency": 10}}
+    with httpx.stream("POST", served.url + "/v1/chat/completions", json=body, timeout=180) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        evs = list(sse(r))
+    assert evs[-1] == "[DONE]"
+    chunks = evs[:-1]
+    assert all("error" not in c for c in chunks), chunks
+    assert len({c["id"] for c in chunks}) == 1 and len({c["created"] for c in chunks}) == 1
+    assert {c["model"] for c in chunks} == {MODEL}
+    tokens = [c for c in chunks if c["choices"]]
+    assert all(c["choices"][0]["index"] == 0 for c in tokens)
+    assert sum("role" in c["choices"][0]["delta"] for c in tokens) == 1
+    marks = [i for i, c in enumerate(chunks) if "leanserve" in c]
+    assert len(marks) == 1, chunks
+    trim = chunks[marks[0]]["leanserve"]["trim"]
+    # the engine's own token counts: the cut comes at the chunk that reaches the budget
+    assert trim["reason"] == "thinking_budget" and 12 <= trim["thinking_tokens"] <= 14
+    assert trim["thinking_tokens_saved_estimate"] == 0  # estimated against the thinking budget it reached
+    thinking = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks[: marks[0] + 1])
+    assert thinking.endswith(CLOSING_PHRASE + "\n</think>")
+    finished = [c for c in tokens if c["choices"][0]["finish_reason"]]
+    assert len(finished) == 1 and finished[0] is tokens[-1]
+    assert finished[0]["choices"][0]["finish_reason"] in ("stop", "length")
+    # usage: both calls; the continuation's prompt is the original one + the thinking it continues from
+    usage = chunks[-1]["usage"]
+    assert chunks[-1]["choices"] == []
+    p1 = prompt_tokens(served.engine_url, MESSAGES)
+    p2 = prompt_tokens(served.engine_url, MESSAGES[:-1] + [{"role": "assistant", "content": PREFILL + thinking}])
+    assert usage["prompt_tokens"] == p1 + p2
+    answer_chunks = sum(bool(c["choices"][0]["delta"].get("content")) for c in tokens[marks[0] + 1:])
+    assert usage["completion_tokens"] >= trim["thinking_tokens"] + answer_chunks
+    assert usage["completion_tokens"] <= 48
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+    assert wait_idle(served.engine_url)
+
+
+def test_non_streaming_trim_end_to_end(served):
+    body = {**BODY, "stream": False, "max_tokens": 32, "trim": {"thinking_budget": 8}}
+    r = httpx.post(served.url + "/v1/chat/completions", json=body, timeout=180)
+    assert r.status_code == 200, r.text
+    data = r.json()
+    assert data["object"] == "chat.completion" and data["leanserve"]["trim"]["reason"] == "thinking_budget"
+    assert CLOSING_PHRASE + "\n</think>" in data["choices"][0]["message"]["content"]
+    assert data["usage"]["completion_tokens"] >= 8
+
+
+def _disconnect_after(served, body, stop) -> None:
+    with httpx.stream("POST", served.url + "/v1/chat/completions", json=body, timeout=180) as r:
+        assert r.status_code == 200
+        for n, ev in enumerate(sse(r)):
+            if stop(n, ev):
+                assert running(served.engine_url) >= 1  # the engine is busy with this request
+                break
+
+
+def test_disconnect_during_the_continuation_leaves_nothing_running(served):
+    assert wait_idle(served.engine_url)
+    body = {**BODY, "max_tokens": 400, "ignore_eos": True, "trim": {"thinking_budget": 6}}
+    seen = {"marker": None}
+
+    def stop(n, ev):
+        if isinstance(ev, dict) and "leanserve" in ev:
+            seen["marker"] = n
+        return seen["marker"] is not None and n >= seen["marker"] + 3
+
+    _disconnect_after(served, body, stop)
+    assert seen["marker"] is not None
+    assert wait_idle(served.engine_url), "the continuation kept running after the client left"
+
+
+def test_disconnect_during_the_thinking_leaves_nothing_running(served):
+    assert wait_idle(served.engine_url)
+    body = {**BODY, "max_tokens": 400, "ignore_eos": True, "trim": {"thinking_budget": 390}}
+    _disconnect_after(served, body, lambda n, ev: n >= 6)
+    assert wait_idle(served.engine_url), "the first call kept running after the client left"
