@@ -24,7 +24,7 @@ model: $(STAMP)
 serve: model
 	$(VENV)/bin/leanserve serve
 
-test: model
+test: model system-deps
 	$(PY) -m pytest -q -p no:cacheprovider --timeout 900 tests
 
 test-unit: $(STAMP)
@@ -41,3 +41,5 @@ bench-gateway: model
 
 clean:
 	rm -rf $(VENV) build *.egg-info bench-results
+
+include mk/deploy.mk

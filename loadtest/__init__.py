@@ -1,0 +1,1 @@
+"""Load test (locustfile) and its SLO report."""
