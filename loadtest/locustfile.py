@@ -117,6 +117,15 @@ _USER_IDS = itertools.count()
 
 @events.test_start.add_listener
 def _on_test_start(environment, **_kw):
+    try:
+        _configure(environment)
+    except (OSError, ValueError) as e:  # bad options: stop with the reason, not with users crashing later
+        logging.getLogger("loadtest").error("%s", e)
+        environment.process_exit_code = 2
+        environment.runner.quit()
+
+
+def _configure(environment):
     opts = environment.parsed_options
     RUN.prompts = load_prompts(opts)
     RUN.max_tokens = parse_dist(opts.max_tokens)
