@@ -1,0 +1,241 @@
+"""2:4 sparse linear layers in vLLM: ``--quantization leanserve-2of4``.
+
+Serve a checkpoint written by ``leanserve prune`` (its config.json carries the
+``leanserve_sparsity`` marker) with::
+
+    python -m vllm.entrypoints.openai.api_server --model PRUNED_DIR --quantization leanserve-2of4 ...
+
+Selection. Importing this module registers ``Sparse24Config`` with vLLM's
+``register_quantization_config``, which also appends the name to the platform's
+``supported_quantization`` allow-list when the platform has one (CUDA/CPU have none,
+ROCm/XPU do). leanserve's general plugin (``kernels.vllm_plugin:register``, entry
+point ``vllm.general_plugins``) imports it in every vLLM process (API server, engine
+core, workers). The checkpoint's config.json has no ``quantization_config`` (HF
+transformers would then look for a quantizer named leanserve-2of4 and refuse to load
+it), so vLLM uses the method only when asked with ``--quantization leanserve-2of4``;
+``get_config_filenames`` then makes vLLM hand us config.json, from which
+``from_config`` reads the marker. Without the flag the same checkpoint is served as
+an ordinary dense model (its zeros are then just stored and multiplied).
+
+Which layers. Every ``LinearBase`` inside the decoder blocks (prefix ``...layers.<i>.``)
+- the merged ``qkv_proj`` and ``gate_up_proj`` included: the 2:4 groups run along the
+input dimension, so stacking output rows keeps them intact - gets ``Sparse24LinearMethod``;
+other linear layers stay ``UnquantizedLinearMethod``; embeddings and lm_head get no
+method from us (vLLM keeps them dense).
+
+What a layer does.
+* create_weights: the dense ``weight`` parameter exactly as vLLM's unquantized method
+  creates it, with the layer's own weight_loader, so the merged QKV / gate-up loaders
+  fill their shards as usual.
+* process_weights_after_loading: checks 2:4 (a clear error naming the layer if not) and
+  packs the weight with ``kernels.sparse24.format.compress_24`` (values [N, K/2] +
+  4-bit metadata: 56.25% of dense bf16, 53.1% of fp32).
+  - CUDA: keeps only values + meta (the dense weight is freed).
+  - CPU, default (``LEANSERVE_SPARSE24_CPU=dense``): decompresses once and hands the
+    masked dense weight to vLLM's own CPU GEMM (oneDNN / sgl prepack), the packed form
+    is dropped. Plain CPU GEMMs have no 2:4 instructions, so this is the fastest correct
+    path, and it gains nothing over the dense model in speed or memory.
+  - CPU, ``LEANSERVE_SPARSE24_CPU=compressed``: keeps only values + meta and decompresses
+    on every call (saves weight memory, costs speed; for testing the packed format
+    end to end and for memory-bound experiments).
+* apply: CUDA runs the Triton kernel (kernels.sparse24.triton_gemm: gather GEMV for
+  M <= 16, tl.dot tiles above), wrapped in a custom op (``torch.ops.vllm.
+  leanserve_sparse24_linear``) so torch.compile / CUDA graphs see one opaque call.
+  For M >= DENSE_MIN_M rows it decompresses the weight into a transient dense tensor
+  (one layer's worth of scratch, freed after the call) and uses cuBLAS: at large M the
+  GEMM is compute bound, stock Triton has no sparse tensor-core instruction, and the
+  decompression is amortised over M rows. No permanent dense copy is kept.
+
+DENSE_MIN_M is a placeholder (1024) until it is set from an H200 run of
+``python -m kernels.sparse24.bench``: no GPU measurement backs it yet. Override it
+with ``LEANSERVE_SPARSE24_DENSE_MIN_M`` (0 = always dense, a huge value = never).
+The CUDA path has been tested only through the kernel tests (TRITON_INTERPRET=1 and
+the H200 benchmark), never inside a CUDA vLLM (none was available): the custom-op
+wrapping and graph capture are unverified there.
+"""
+import logging
+import os
+import re
+from typing import Any, Optional
+
+import torch
+
+from vllm.model_executor.layers.linear import LinearBase, LinearMethodBase, UnquantizedLinearMethod
+from vllm.model_executor.layers.quantization import register_quantization_config
+from vllm.model_executor.layers.quantization.base_config import QuantizationConfig, QuantizeMethodBase
+from vllm.utils.torch_utils import direct_register_custom_op
+
+from kernels.sparse24.format import compress_24, compressed_nbytes, count_24_violations, decompress_24
+
+NAME = "leanserve-2of4"
+MARKER_KEY = "leanserve_sparsity"  # written into config.json by kernels.sparse24.prune.prune_model
+CPU_MODE_ENV = "LEANSERVE_SPARSE24_CPU"
+CPU_MODES = ("dense", "compressed")
+DENSE_MIN_M = int(os.environ.get("LEANSERVE_SPARSE24_DENSE_MIN_M", "1024"))  # unmeasured placeholder
+BLOCK_PREFIX = re.compile(r"(^|\.)layers\.\d+\.")  # linears the pruner prunes: model.layers.<i>.*
+
+# Inside vLLM's logger namespace so its handler prints these lines.
+log = logging.getLogger("vllm.leanserve.sparse24")
+
+
+def cpu_mode() -> str:
+    mode = os.environ.get(CPU_MODE_ENV, "dense").strip().lower() or "dense"
+    if mode not in CPU_MODES:
+        raise ValueError(f"{CPU_MODE_ENV}={mode!r}: choose one of {', '.join(CPU_MODES)}")
+    return mode
+
+
+# ----------------------------------------------------------------------------- the compute op
+
+def _sparse24_linear_impl(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
+                          bias: Optional[torch.Tensor], dense_min_m: int) -> torch.Tensor:
+    m = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    if x.is_cuda and m < dense_min_m:
+        from kernels.sparse24.triton_gemm import sparse24_linear_triton
+        return sparse24_linear_triton(x, values, meta, bias)
+    # Large M on CUDA, and the CPU "compressed" mode: transient dense weight + dense GEMM.
+    w = decompress_24(values, meta).to(x.dtype)
+    return torch.nn.functional.linear(x, w, None if bias is None else bias.to(x.dtype))
+
+
+def _sparse24_linear_fake(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
+                          bias: Optional[torch.Tensor], dense_min_m: int) -> torch.Tensor:
+    return x.new_empty((*x.shape[:-1], values.shape[0]))
+
+
+direct_register_custom_op("leanserve_sparse24_linear", _sparse24_linear_impl, fake_impl=_sparse24_linear_fake)
+
+
+def sparse24_linear_op(x, values, meta, bias=None, dense_min_m: int | None = None) -> torch.Tensor:
+    return torch.ops.vllm.leanserve_sparse24_linear(
+        x, values, meta, bias, DENSE_MIN_M if dense_min_m is None else dense_min_m)
+
+
+# ----------------------------------------------------------------------------- config + method
+
+@register_quantization_config(NAME)
+class Sparse24Config(QuantizationConfig):
+    """2:4 semi-structured sparse weights (leanserve prune), packed at load time."""
+
+    def __init__(self, marker: dict[str, Any] | None = None):
+        super().__init__()
+        self.marker = dict(marker or {})
+        self.layers = 0  # filled in while weights are processed (for the log line)
+        self.dense_bytes = 0
+        self.packed_bytes = 0
+
+    def __repr__(self) -> str:
+        return f"Sparse24Config(marker={self.marker})"
+
+    def get_name(self) -> str:
+        return NAME
+
+    def get_supported_act_dtypes(self) -> list[torch.dtype]:
+        return [torch.bfloat16, torch.float16, torch.float32]
+
+    @classmethod
+    def get_min_capability(cls) -> int:
+        return 80  # bf16 tl.dot needs Ampere; not consulted on CPU (no device capability there)
+
+    @staticmethod
+    def get_config_filenames() -> list[str]:
+        # vLLM keeps the *.json files of the model dir whose path ends with one of these.
+        # "config.json" alone would also match generation_config.json and tokenizer_config.json.
+        return [os.sep + "config.json"]
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> "Sparse24Config":
+        marker = config.get(MARKER_KEY)
+        if not isinstance(marker, dict) or marker.get("format") != "2:4":
+            raise ValueError(
+                f"--quantization {NAME} serves checkpoints written by `leanserve prune`, whose config.json "
+                f"has \"{MARKER_KEY}\": {{\"format\": \"2:4\", ...}}; this one has {MARKER_KEY}={marker!r}. "
+                "Prune the model first (leanserve prune MODEL_DIR OUT_DIR --method ...) or serve it without "
+                "--quantization.")
+        return cls(marker)
+
+    def get_quant_method(self, layer: torch.nn.Module, prefix: str) -> QuantizeMethodBase | None:
+        if isinstance(layer, LinearBase):
+            if BLOCK_PREFIX.search(prefix):
+                return Sparse24LinearMethod(self)
+            return UnquantizedLinearMethod()
+        return None  # embeddings, lm_head, attention: vLLM's defaults
+
+
+class Sparse24LinearMethod(LinearMethodBase):
+    """Dense weight at load time, 2:4-packed after loading (see the module docstring)."""
+
+    def __init__(self, config: Sparse24Config | None = None):
+        self.config = config
+        self._dense = UnquantizedLinearMethod()  # loading, and the CPU dense path
+
+    def create_weights(self, layer: torch.nn.Module, input_size_per_partition: int,
+                       output_partition_sizes: list[int], input_size: int, output_size: int,
+                       params_dtype: torch.dtype, **extra_weight_attrs):
+        if input_size_per_partition % 4:
+            raise ValueError(
+                f"{_name(layer)}: 2:4 sparsity needs the input size per partition to be a multiple of 4, "
+                f"got {input_size_per_partition} (input size {input_size}; lower the tensor-parallel size)")
+        self._dense.create_weights(layer, input_size_per_partition, output_partition_sizes, input_size,
+                                   output_size, params_dtype, **extra_weight_attrs)
+
+    def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+        w = layer.weight.data
+        if w.is_meta:
+            raise ValueError(f"{_name(layer)}: weight was never loaded (meta tensor)")
+        n, k = w.shape
+        bad = count_24_violations(w)
+        if bad:
+            raise ValueError(
+                f"{_name(layer)}: weight [{n}, {k}] is not 2:4 sparse ({bad} of {n * k // 4} groups of 4 "
+                f"input columns have more than 2 nonzeros). --quantization {NAME} needs a checkpoint pruned "
+                "by `leanserve prune`.")
+        values, meta = compress_24(w)
+        dense_b = w.numel() * w.element_size()
+        packed_b = compressed_nbytes(n, k, w.dtype)
+        assert packed_b == values.numel() * values.element_size() + meta.numel() * meta.element_size()
+        layer.sparse24_bytes = (packed_b, dense_b)
+        on_cpu = not w.is_cuda
+        mode = cpu_mode() if on_cpu else "triton"
+        layer.sparse24_path = mode
+        self._account(layer, mode, packed_b, dense_b)
+
+        if on_cpu and mode == "dense":
+            # The round trip must give back the loaded weight bit for bit.
+            layer.weight.data = decompress_24(values, meta)
+            if not torch.equal(layer.weight.data, w):
+                raise AssertionError(f"{_name(layer)}: 2:4 compress/decompress round trip changed the weight")
+            del values, meta
+            self._dense.process_weights_after_loading(layer)  # vLLM's CPU GEMM dispatch (prepack)
+            return
+        layer.register_buffer("sparse24_values", values, persistent=False)
+        layer.register_buffer("sparse24_meta", meta, persistent=False)
+        # Free the dense weight; keep an empty parameter of the right dtype, as vLLM's CPU path does.
+        layer.weight = torch.nn.Parameter(torch.empty(0, dtype=w.dtype, device=w.device), requires_grad=False)
+        del w
+
+    def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        if getattr(layer, "sparse24_path", None) == "dense":
+            return self._dense.apply(layer, x, bias)
+        return sparse24_linear_op(x, layer.sparse24_values, layer.sparse24_meta, bias)
+
+    def _account(self, layer, mode: str, packed_b: int, dense_b: int) -> None:
+        cfg = self.config
+        if cfg is None:
+            return
+        if cfg.layers == 0:
+            what = {"triton": f"Triton 2:4 kernel (dense cuBLAS on a transient weight for M >= {DENSE_MIN_M})",
+                    "dense": "CPU: masked dense weight through vLLM's CPU GEMM (no 2:4 speed-up or memory "
+                             f"saving on CPU; {CPU_MODE_ENV}=compressed keeps only the packed form)",
+                    "compressed": "CPU: packed weight only, decompressed on every call (slow)"}[mode]
+            log.info("%s: packing 2:4 linear layers; compute path: %s", NAME, what)
+        cfg.layers += 1
+        cfg.dense_bytes += dense_b
+        cfg.packed_bytes += packed_b
+        log.debug("%s: %s %s packed %d of %d bytes (running total %d layers, %.1f of %.1f MiB)", NAME,
+                  _name(layer), tuple(layer.weight.shape), packed_b, dense_b, cfg.layers,
+                  cfg.packed_bytes / 2**20, cfg.dense_bytes / 2**20)
+
+
+def _name(layer: torch.nn.Module) -> str:
+    return getattr(layer, "prefix", "") or type(layer).__name__
