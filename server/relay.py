@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import re
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -21,11 +20,11 @@ from .errors import APIError, error_body, normalize_upstream_error
 from .metrics import Metrics
 from .replicas import Replica, ReplicaPool
 from .schema import engine_body, parse_body
+from .sse import DONE, DONE_EVENT, FINISHED, TOKEN, USAGE, classify, load_event, split_events
 from .trimming.stream import TrimPlan, TrimService, plan_trim
 
 log = logging.getLogger("leanserve.relay")
 
-DONE = b"data: [DONE]"
 SSE_HEADERS = [
     (b"content-type", b"text/event-stream; charset=utf-8"),
     (b"cache-control", b"no-cache"),
@@ -279,13 +278,10 @@ class RelayResponse:
                 buf += chunk
                 if b"\n\n" not in buf:
                     continue
-                *events, buf = buf.split(b"\n\n")
+                events, buf = split_events(buf)
                 out = []
                 now = time.perf_counter()
                 for ev in events:
-                    ev = ev.strip(b"\r\n")
-                    if not ev:
-                        continue
                     kind = classify(ev)
                     if kind is TOKEN:
                         if last_token_at:
@@ -296,7 +292,7 @@ class RelayResponse:
                         if b'"finish_reason":' in ev and FINISHED.search(ev):
                             self._account(None, _choices(ev))
                     elif kind is USAGE:
-                        usage = _load(ev).get("usage")
+                        usage = load_event(ev).get("usage")
                         self._account(usage, [])
                         if not self.client_wants_usage:
                             continue
@@ -322,33 +318,6 @@ class RelayResponse:
         await send({"type": "http.response.body", "body": tail, "more_body": False})
 
 
-# ---- SSE event classification without a JSON parse per token (the relay's hot path) --------------
-TOKEN, USAGE, DONE_EVENT, OTHER = "token", "usage", "done", "other"
-HAS_CHOICE = re.compile(rb'"choices": ?\[\{')
-EMPTY_CHOICES = re.compile(rb'"choices": ?\[\]')
-FINISHED = re.compile(rb'"finish_reason": ?"')
-
-
-def classify(ev: bytes) -> str:
-    if ev == DONE:
-        return DONE_EVENT
-    if not ev.startswith(b"data:"):
-        return OTHER
-    if HAS_CHOICE.search(ev):
-        return TOKEN
-    if b'"usage"' in ev and EMPTY_CHOICES.search(ev):
-        return USAGE
-    return OTHER
-
-
-def _load(ev: bytes) -> dict:
-    try:
-        data = json.loads(ev[5:])
-    except ValueError:
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
 def _choices(ev: bytes) -> list:
-    choices = _load(ev).get("choices")
+    choices = load_event(ev).get("choices")
     return choices if isinstance(choices, list) else []

@@ -43,6 +43,7 @@ import aiohttp
 
 from ..errors import APIError, error_body, normalize_upstream_error
 from ..schema import TrimOptions, engine_body
+from ..sse import DONE_EVENT, TOKEN, USAGE, classify, load_event, split_events
 from .policy import Decision, ThoughtTrimmer, TrimConfig, estimate_tokens
 from .rule_verifier import RuleVerifier, Verifier
 from .segment import THINK, Delimiters
@@ -188,7 +189,7 @@ class _SSESink:
 
     async def finish(self) -> None:
         await self._start()
-        from ..relay import DONE
+        from ..sse import DONE
 
         body = (b"\n\n".join(self.out) + b"\n\n" if self.out else b"") + DONE + b"\n\n"
         self.out = []
@@ -412,7 +413,7 @@ class TrimmedStream:
 
     # ---- first call ---------------------------------------------------------------------------
     async def _first(self, resp: aiohttp.ClientResponse) -> None:
-        from ..relay import CONNECT_ERRORS, DONE_EVENT, TOKEN, USAGE, _Retry, classify
+        from ..relay import CONNECT_ERRORS, _Retry
 
         buf = b""
         try:
@@ -436,19 +437,16 @@ class TrimmedStream:
                 buf += chunk
                 if b"\n\n" not in buf:
                     continue
-                *events, buf = buf.split(b"\n\n")
+                events, buf = split_events(buf)
                 now = time.perf_counter()
                 for ev in events:
-                    ev = ev.strip(b"\r\n")
-                    if not ev:
-                        continue
                     kind = classify(ev)
                     if kind is TOKEN:
                         await self._first_token(ev, now)
                         if self.cut is not None:
                             return
                     elif kind is USAGE:
-                        self.usage1 = _load(ev)
+                        self.usage1 = load_event(ev)
                     elif kind is DONE_EVENT:
                         self.saw_done = True
                     else:
@@ -473,7 +471,7 @@ class TrimmedStream:
             self.sink.error(APIError(502, "the engine stream ended unexpectedly", code="engine_error"))
 
     async def _first_token(self, ev: bytes, now: float) -> None:
-        data = _load(ev)
+        data = load_event(ev)
         if self.head is None:
             self.head = {"id": data.get("id"), "object": data.get("object") or "chat.completion.chunk",
                          "created": data.get("created"), "model": data.get("model")}
@@ -721,7 +719,7 @@ class TrimmedStream:
         self.sink.error(err)
 
     async def _relay_continuation(self, resp: aiohttp.ClientResponse, replica: Any) -> None:
-        from ..relay import CONNECT_ERRORS, DONE_EVENT, TOKEN, USAGE, classify
+        from ..relay import CONNECT_ERRORS
 
         buf, done, usage2 = b"", False, None
         try:
@@ -729,21 +727,18 @@ class TrimmedStream:
                 buf += chunk
                 if b"\n\n" not in buf:
                     continue
-                *events, buf = buf.split(b"\n\n")
+                events, buf = split_events(buf)
                 now = time.perf_counter()
                 for ev in events:
-                    ev = ev.strip(b"\r\n")
-                    if not ev:
-                        continue
                     kind = classify(ev)
                     if kind is TOKEN and self.rr.stream:
                         if self.last_token_at:
                             self.itl.observe(now - self.last_token_at)
                         self.last_token_at = now
                     if kind is TOKEN:
-                        self._continuation_token(_load(ev))
+                        self._continuation_token(load_event(ev))
                     elif kind is USAGE:
-                        usage2 = _load(ev).get("usage")
+                        usage2 = load_event(ev).get("usage")
                     elif kind is DONE_EVENT:
                         done = True
                     else:
@@ -796,11 +791,3 @@ def _meaningful(data: dict, choice: dict, delta: dict, channel: str) -> bool:
     if data.get("usage") or choice.get("logprobs"):
         return True
     return any(v not in (None, "", []) for k, v in delta.items() if k != channel)
-
-
-def _load(ev: bytes) -> dict:
-    try:
-        data = json.loads(ev[5:])
-    except ValueError:
-        return {}
-    return data if isinstance(data, dict) else {}
