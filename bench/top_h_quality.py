@@ -24,7 +24,8 @@ import httpx
 from bench.engine import MODEL, default_engine
 
 DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "gsm8k" / "test500.jsonl"
-SAMPLERS = {"top-h 0.4": {"top_h": 0.4}, "min-p 0.1": {"min_p": 0.1}, "top-p 0.9": {"top_p": 0.9}}
+SAMPLERS = {"top-h 0.4": {"top_h": 0.4}, "min-p 0.1": {"min_p": 0.1}, "top-p 0.9": {"top_p": 0.9},
+            "none (plain sampling)": {}}  # the untruncated distribution, for scale
 TEMPS = (1.0, 1.5, 2.0)
 
 

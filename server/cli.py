@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from pathlib import Path
 from typing import get_args, get_origin
 
 from pydantic import ValidationError
@@ -73,143 +72,26 @@ def _cmd_eval(args) -> int:
 
 # ----------------------------------------------------------------------------- 2:4 sparsity (engine side, lazy)
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_PPL_TEXT = "../shared/data/wikitext2/valid.txt"  # relative to the repository root
-
-
-def _prune_module(what: str):
-    """(kernels.sparse24.prune, None) or (None, error message): torch/transformers live in the engine extra."""
+def _sparse24_cli(what: str):
+    """kernels.sparse24.cli, or None after printing why: torch/transformers live in the engine extra."""
     try:
-        from kernels.sparse24 import prune
+        from kernels.sparse24 import cli
         import transformers  # noqa: F401
     except ImportError as e:
-        return None, f"{what} needs torch and transformers (pip install 'leanserve[engine-cpu]'): {e}"
-    return prune, None
-
-
-def _check_model_dir(path: str) -> str | None:
-    from kernels import model_prep  # imports neither torch nor transformers
-
-    try:
-        model_prep.validate_model_dir(Path(path))
-    except model_prep.PrepareError as e:
-        return str(e)
-    return None
-
-
-def _check_pruned(out_dir: str) -> dict:
-    """Read the written checkpoint back: 2:4 violations and zeros of every decoder-block linear weight."""
-    import re
-
-    from safetensors import safe_open
-
-    from kernels.sparse24.format import compressed_nbytes, count_24_violations
-
-    block = re.compile(r"(^|\.)layers\.\d+\..*\.weight$")
-    res = {"tensors": 0, "bad_groups": 0, "weights": 0, "zeros": 0, "bad": [], "dense_bytes": 0, "packed_bytes": 0}
-    for f in sorted(Path(out_dir).glob("*.safetensors")):
-        with safe_open(str(f), framework="pt") as st:
-            for name in st.keys():
-                if not block.search(name):
-                    continue
-                w = st.get_tensor(name)
-                if w.dim() != 2:
-                    continue  # norms
-                bad = count_24_violations(w)
-                res["tensors"] += 1
-                res["bad_groups"] += bad
-                res["weights"] += w.numel()
-                res["zeros"] += int((w == 0).sum())
-                res["dense_bytes"] += w.numel() * w.element_size()
-                res["packed_bytes"] += compressed_nbytes(w.shape[0], w.shape[1], w.dtype)
-                if bad:
-                    res["bad"].append(name)
-    return res
+        print(f"leanserve: {what} needs torch and transformers (pip install 'leanserve[engine-cpu]'): {e}",
+              file=sys.stderr)
+        return None
+    return cli
 
 
 def _cmd_prune(args) -> int:
-    err = _check_model_dir(args.model_dir)
-    if err:
-        print(f"leanserve: {err}", file=sys.stderr)
-        return 1
-    src, out = Path(args.model_dir).resolve(), Path(args.out_dir).resolve()
-    if out == src:
-        print("leanserve: OUT_DIR must differ from MODEL_DIR (the dense checkpoint is kept)", file=sys.stderr)
-        return 1
-    if (out / "config.json").exists() and not args.force:
-        print(f"leanserve: {out} already holds a checkpoint; pass --force to overwrite it", file=sys.stderr)
-        return 1
-    if args.method != "magnitude" and not args.calib:
-        print(f"leanserve: --method {args.method} needs calibration text: --calib FILE", file=sys.stderr)
-        return 1
-    if args.calib and not Path(args.calib).is_file():
-        print(f"leanserve: calibration file {args.calib} does not exist", file=sys.stderr)
-        return 1
-    if args.samples < 1 or args.seqlen < 2:
-        print("leanserve: need --samples >= 1 and --seqlen >= 2", file=sys.stderr)
-        return 1
-    prune, err = _prune_module("leanserve prune")
-    if err:
-        print(f"leanserve: {err}", file=sys.stderr)
-        return 1
-    try:
-        summary = prune.prune_model(str(src), str(out), args.method, args.calib if args.method != "magnitude" else None,
-                                    samples=args.samples, seqlen=args.seqlen, progress=not args.quiet, seed=args.seed)
-    except (ValueError, OSError, RuntimeError, AttributeError, KeyError) as e:
-        print(f"leanserve: pruning failed ({type(e).__name__}): {e}", file=sys.stderr)
-        return 1
-    chk = _check_pruned(str(out))
-    calib = "" if args.method == "magnitude" else f", calibration {args.samples} x {args.seqlen} tokens of {args.calib}"
-    print(f"wrote {out} (2:4 {args.method}{calib}; {summary['seconds']} s)")
-    print(f"2:4 check: {chk['tensors']} linear weights in the decoder blocks, {chk['bad_groups']} groups of 4 with "
-          f"more than 2 nonzeros; {chk['zeros']:,} of {chk['weights']:,} weights are zero "
-          f"({100 * chk['zeros'] / max(chk['weights'], 1):.1f}%)")
-    print(f"packed size of these layers: {chk['packed_bytes'] / 2**20:.1f} MiB vs {chk['dense_bytes'] / 2**20:.1f} MiB "
-          f"dense ({chk['packed_bytes'] / max(chk['dense_bytes'], 1):.4f}x)")
-    if chk["bad"] or not chk["tensors"]:
-        print(f"leanserve: the written checkpoint is not 2:4 sparse: {chk['bad'][:5] or 'no block linears found'}",
-              file=sys.stderr)
-        return 1
-    print(f"serve it: leanserve serve --model {out} --engine-args '--quantization leanserve-2of4'")
-    return 0
+    cli = _sparse24_cli("leanserve prune")
+    return 1 if cli is None else cli.cmd_prune(args)
 
 
 def _eval_ppl(argv: list[str]) -> int:
-    ap = argparse.ArgumentParser(prog="leanserve eval ppl",
-                                 description="Perplexity of a HF causal LM (float32, HF transformers) on a text file.")
-    ap.add_argument("model_dir", help="HF model directory (dense or pruned)")
-    ap.add_argument("--text", default=DEFAULT_PPL_TEXT,
-                    help=f"text file (relative paths resolve against the repository; default {DEFAULT_PPL_TEXT})")
-    ap.add_argument("--seqlen", type=int, default=2048, help="window length in tokens (non-overlapping windows)")
-    ap.add_argument("--max-tokens", type=int, default=None, help="use only the first N tokens of the text")
-    ap.add_argument("--quiet", action="store_true", help="no progress bar")
-    a = ap.parse_args(argv)
-    text = Path(a.text)
-    if not text.is_absolute() and (a.text == DEFAULT_PPL_TEXT or not text.is_file()):
-        text = REPO_ROOT / text  # the default always, other relative paths when not found from here
-    if not text.is_file():
-        print(f"leanserve: text file {a.text} not found (also tried {REPO_ROOT / a.text})", file=sys.stderr)
-        return 1
-    if a.seqlen < 2 or (a.max_tokens is not None and a.max_tokens < 2):
-        print("leanserve: need --seqlen >= 2 and --max-tokens >= 2", file=sys.stderr)
-        return 1
-    err = _check_model_dir(a.model_dir)
-    if err:
-        print(f"leanserve: {err}", file=sys.stderr)
-        return 1
-    prune, err = _prune_module("leanserve eval ppl")
-    if err:
-        print(f"leanserve: {err}", file=sys.stderr)
-        return 1
-    try:
-        ppl = prune.eval_perplexity(a.model_dir, str(text), seqlen=a.seqlen, max_tokens=a.max_tokens,
-                                    progress=not a.quiet)
-    except (ValueError, OSError, RuntimeError, AttributeError, KeyError) as e:
-        print(f"leanserve: evaluation failed ({type(e).__name__}): {e}", file=sys.stderr)
-        return 1
-    limit = f", first {a.max_tokens} tokens" if a.max_tokens else ""
-    print(f"perplexity {ppl:.4f}  ({a.model_dir} on {text.name}{limit}, windows of {a.seqlen} tokens)")
-    return 0
+    cli = _sparse24_cli("leanserve eval ppl")
+    return 1 if cli is None else cli.eval_ppl(argv)
 
 
 def build_parser() -> argparse.ArgumentParser:

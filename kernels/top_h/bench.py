@@ -192,7 +192,7 @@ def check(sizes, device, dtype, real=None):
         out = top_h_filter_(x.clone(), alpha.to(device), temp.to(device))
         keep = (~torch.isneginf(out)).cpu()
         xc = x.cpu().float()
-        ref = top_h_keep_mask_torch(xc, alpha, 1.0 / temp)
+        ref = top_h_keep_mask_torch(xc, alpha, 1.0 / temp, entropy_dtype=torch.float64)
         bad = [i for i in range(b) if not _tie_only_difference(keep[i], ref[i], xc[i])]
         untouched = torch.equal(out.cpu()[keep], x.cpu()[keep])
         print(f"  check B={b} V={v} {dtype}: {b - len(bad)}/{b} rows agree, "
@@ -210,7 +210,7 @@ def compare_authors(logits, alphas, temperature=None):
     for a in alphas:
         alpha = _per_row(a, x.shape[0], x.device)
         inv_t = None if temperature is None else _per_row(1.0 / temperature, x.shape[0], x.device)
-        paper = top_h_keep_mask_torch(x, alpha, inv_t)
+        paper = top_h_keep_mask_torch(x, alpha, inv_t, entropy_dtype=torch.float64)
         authors = torch.cat([top_h_keep_mask_authors(x[r:r + 64], a, temperature)
                              for r in range(0, x.shape[0], 64)])  # bounded float64 memory
         n_p, n_a = paper.sum(1).float(), authors.sum(1).float()

@@ -19,16 +19,23 @@ def top_h_filter_(logits: torch.Tensor, alpha, temperature=None) -> torch.Tensor
     """
     b = logits.shape[0]
     alpha_t = _per_row(alpha, b, logits.device)
+    inv_t = None if temperature is None else _inverse_temperature(temperature, b, logits.device)
     if logits.is_cuda:
         from .triton_top_h import top_h_triton_
-        inv_t = None if temperature is None else _inverse_temperature(temperature, b, logits.device)
         if logits.stride(1) == 1:
             return top_h_triton_(logits, alpha_t, inv_t)
         return logits.copy_(top_h_triton_(logits.contiguous(), alpha_t, inv_t))
-    inv_t = None if temperature is None else _inverse_temperature(
-        temperature, b, logits.device, torch.float64)
-    keep = top_h_keep_mask_torch(logits, alpha_t, inv_t)
-    return logits.masked_fill_(~keep, NEG_INF)
+    for r, sl in _row_chunks(logits):
+        x = logits[sl]
+        for rows, idx, kept in _kept_in_order(x, alpha_t[sl], None if inv_t is None else inv_t[sl]):
+            # Gather the kept values, fill, scatter back: ~10x cheaper than masked_fill_ over
+            # the whole row on CPU.
+            sub = x if rows is None else x[rows]
+            vals = sub.gather(1, idx).masked_fill_(~kept, NEG_INF)
+            sub.fill_(NEG_INF).scatter_(1, idx, vals)
+            if rows is not None:
+                x[rows] = sub
+    return logits
 
 
 def top_h_filter(logits: torch.Tensor, alpha, temperature=None) -> torch.Tensor:
@@ -37,71 +44,93 @@ def top_h_filter(logits: torch.Tensor, alpha, temperature=None) -> torch.Tensor:
 
 
 def top_h_keep_mask_torch(logits: torch.Tensor, alpha: torch.Tensor,
-                          inv_temperature: torch.Tensor | None = None,
-                          chunk_elems: int = 1 << 18, first_k: int = 1024) -> torch.Tensor:
-    """Bool mask [B, V] of kept tokens; alpha [B], inv_temperature [B] (1/T) or None.
+                          inv_temperature: torch.Tensor | None = None, *,
+                          entropy_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Bool mask [B, V] of kept tokens (CPU path); alpha [B], inv_temperature [B] (1/T) or None.
 
-    Float64 math (cheap next to the topk / sort on CPU), so it agrees with reference.py
-    also where alpha * H(p) falls within fp32 rounding of a prefix entropy. Kept sets are
-    usually small: each row first tries its first_k most probable tokens (topk, no full
-    sort); rows whose kept set may reach past them are redone with a full sort. Small row
-    chunks keep the float64 temporaries in reused heap memory: large fresh allocations are
-    page-faulted on every call and cost more than the math (3x at 64 x 152k).
+    entropy_dtype: see _kept_in_order; float64 makes the mask agree with reference.py also
+    where alpha * H(p) falls within float32 rounding of a prefix entropy.
     """
-    b, v = logits.shape
-    keep = torch.empty(b, v, dtype=torch.bool, device=logits.device)
-    rows = max(1, chunk_elems // max(v, 1))
-    for r in range(0, b, rows):
-        sl = slice(r, r + rows)
-        inv_t = None if inv_temperature is None else inv_temperature[sl].double()
-        keep[sl] = _keep_chunk(logits[sl].float(), alpha[sl].double(), inv_t, first_k)
+    keep = torch.ones(logits.shape, dtype=torch.bool, device=logits.device)
+    for r, sl in _row_chunks(logits):
+        it = None if inv_temperature is None else inv_temperature[sl]
+        for rows, idx, kept in _kept_in_order(logits[sl], alpha[sl], it, entropy_dtype):
+            m = torch.zeros(idx.shape[0], logits.shape[1], dtype=torch.bool, device=logits.device)
+            m.scatter_(1, idx, kept)
+            if rows is None:
+                keep[sl] = m
+            else:
+                keep[r + rows] = m
     return keep
 
 
-def _keep_chunk(x, alpha, inv_t, first_k):
+def _row_chunks(x, chunk_elems: int = 1 << 20):
+    # Row chunks keep the temporaries in reused heap memory: large fresh allocations are
+    # page-faulted on every call and cost more than the math (3x at 64 x 152k).
+    rows = max(1, chunk_elems // max(x.shape[1], 1))
+    for r in range(0, x.shape[0], rows):
+        yield r, slice(r, r + rows)
+
+
+def _kept_in_order(x, alpha, inv_t, entropy_dtype=torch.float32, first_k=(32, 1024)):
+    """The kept sets of the rows of x [b, V] that Top-H filters (alpha < 1, some finite logit),
+    as groups (rows, idx [n, k], kept [n, k]): row rows[j] (rows None: all b rows) keeps
+    idx[j][kept[j]]. Rows outside every group keep everything.
+
+    The full-vocabulary pass (max, H(p)) runs in entropy_dtype: float32 is what decoding
+    needs (the Triton kernel works in float32 too). Kept sets are usually small, so each row
+    looks only at its first_k[0] most probable tokens (topk, no sort of the vocabulary); rows
+    whose kept set may reach past them try the next first_k, and finally a full sort. The
+    prefix entropies, over those few candidates, are float64.
+    """
     b, v = x.shape
-    d = x.double()
+    alpha = alpha.double()
+    inv_t = None if inv_t is None else inv_t.double()
+    d = x.to(entropy_dtype, copy=True)
     if inv_t is not None:
-        d.mul_(inv_t[:, None])
+        d.mul_(inv_t.to(entropy_dtype)[:, None])
     m = d.amax(-1, keepdim=True)
     keep_all = (alpha >= 1) | torch.isneginf(m[:, 0])
     m = torch.where(torch.isneginf(m), 0.0, m)
     # d = z - max z <= 0, with -inf made finite so that exp gives 0 and w * d stays 0.
-    d.sub_(m).clamp_(min=-1e300)
+    d.sub_(m).clamp_(min=torch.finfo(entropy_dtype).min)
     w = torch.exp(d)
-    s = w.sum(-1)
-    t = (w * d).sum(-1)
+    s = w.sum(-1).double()  # float32 sums are cascaded: relative error ~1e-7 at V = 256k
+    t = w.mul_(d).sum(-1).double()
     target = alpha * (torch.log(s) - t / s)  # alpha * H(p)
+    m = m.double()
     del d, w
 
-    k = min(v, first_k)
-    cand_x, cand_i = torch.topk(x, k, dim=-1)  # on the logits: T > 0 keeps the order
-    # Equal logits in index order, as the reference visits them: sort by index, then stably
-    # by value.
-    cand_i, perm = torch.sort(cand_i, dim=-1)
-    cand_x, perm = torch.sort(cand_x.gather(1, perm), dim=-1, descending=True, stable=True)
-    cand_i = cand_i.gather(1, perm)
-    n_keep = _prefix_len(cand_x, inv_t, m, target)
-    # topk may hold an arbitrary part of the tie group at its end: trust n_keep only if the
-    # kept prefix stops before that group (or every token is a candidate).
-    n_above_last = (cand_x > cand_x[:, -1:]).sum(-1)
-    exact = (n_keep <= n_above_last) if k < v else torch.ones_like(keep_all)
-    keep_sorted = torch.arange(k, device=x.device)[None, :] < n_keep[:, None]
-    keep = torch.zeros(b, v, dtype=torch.bool, device=x.device).scatter_(1, cand_i, keep_sorted)
-    redo = ~exact & ~keep_all
-    if redo.any():
-        keep[redo] = _keep_sorted(x[redo], None if inv_t is None else inv_t[redo],
-                                  m[redo], target[redo])
-    keep[keep_all] = True
-    return keep
-
-
-def _keep_sorted(x, inv_t, m, target):
-    # Sort the logits themselves (not x / T) so that rounding cannot merge distinct values.
-    xs, order = torch.sort(x, dim=-1, descending=True, stable=True)
-    n_keep = _prefix_len(xs, inv_t, m, target)
-    keep_sorted = torch.arange(x.shape[1], device=x.device)[None, :] < n_keep[:, None]
-    return torch.empty_like(keep_sorted).scatter_(1, order, keep_sorted)
+    x = x.float()
+    todo = None if not bool(keep_all.any()) else torch.nonzero(~keep_all).flatten()
+    for k in first_k:
+        if k >= v or (todo is not None and todo.numel() == 0):
+            break
+        sel = (lambda y: y) if todo is None else (lambda y: y[todo])
+        cand_x, cand_i = torch.topk(sel(x), k, dim=-1)  # on the logits: T > 0 keeps the order
+        # Equal logits in index order, as the reference visits them: sort by index, then
+        # stably by value.
+        cand_i, perm = torch.sort(cand_i, dim=-1)
+        cand_x, perm = torch.sort(cand_x.gather(1, perm), dim=-1, descending=True, stable=True)
+        cand_i = cand_i.gather(1, perm)
+        n_keep = _prefix_len(cand_x, None if inv_t is None else sel(inv_t), sel(m), sel(target))
+        # topk may hold an arbitrary part of the tie group at its end: trust n_keep only if
+        # the kept prefix stops before that group.
+        exact = n_keep <= (cand_x > cand_x[:, -1:]).sum(-1)
+        kept = torch.arange(k, device=x.device)[None, :] < n_keep[:, None]
+        if bool(exact.all()):
+            yield todo, cand_i, kept
+            return
+        if bool(exact.any()):
+            rows = torch.nonzero(exact).flatten() if todo is None else todo[exact]
+            yield rows, cand_i[exact], kept[exact]
+        todo = torch.nonzero(~exact).flatten() if todo is None else todo[~exact]
+    if todo is None or todo.numel():
+        sel = (lambda y: y) if todo is None else (lambda y: y[todo])
+        # Sort the logits themselves (not x / T) so that rounding cannot merge distinct values.
+        xs, order = torch.sort(sel(x), dim=-1, descending=True, stable=True)
+        n_keep = _prefix_len(xs, None if inv_t is None else sel(inv_t), sel(m), sel(target))
+        yield todo, order, torch.arange(v, device=x.device)[None, :] < n_keep[:, None]
 
 
 def _prefix_len(xs, inv_t, m, target):

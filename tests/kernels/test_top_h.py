@@ -134,6 +134,25 @@ def test_cpu_path_equals_reference():
         assert torch.isneginf(out[~ref]).all()
 
 
+def test_cpu_path_escalates_past_the_first_candidates():
+    # V > 1024: rows solved from the top 32, from the top 1024 and only by the full sort, mixed with
+    # rows left alone (alpha = 1, all -inf) in one batch; bf16 input.
+    x = torch.cat([random_logits(4, 3000, 21, scale=4.0),    # peaked: small kept sets
+                   random_logits(4, 3000, 22, scale=0.05),   # flat: kept sets of hundreds or more
+                   random_logits(2, 3000, 23, scale=1.0)])
+    x[8] = NEG_INF
+    alpha = torch.tensor([0.1, 0.4, 0.7, 0.95, 0.2, 0.5, 0.8, 0.99, 0.4, 1.0])
+    sizes = top_h_keep_mask(x, alpha).sum(1)
+    assert ((sizes < 32).any() and ((sizes > 32) & (sizes < 1024)).any()  # every stage runs
+            and (sizes[:8] > 1024).any())
+    for dtype in (torch.float32, torch.bfloat16):
+        xd = x.to(dtype)
+        ref = top_h_keep_mask(xd, alpha)
+        out = top_h_filter(xd, alpha)
+        assert torch.equal(~torch.isneginf(out) | torch.isneginf(xd), ref | torch.isneginf(xd)), dtype
+        assert torch.equal(out[ref & ~torch.isneginf(xd)], xd[ref & ~torch.isneginf(xd)])
+
+
 def test_cpu_path_in_place_and_scalar_alpha():
     x = random_logits(3, 300, 5)
     y = x.clone()

@@ -1,0 +1,139 @@
+"""`leanserve prune` and `leanserve eval ppl`: argument checks, the pruner, a read-back check of the
+written checkpoint, perplexity. server/cli.py defines the arguments and imports this lazily: torch and
+transformers live in the engine extra, and a gateway-only install must still run `leanserve --help`."""
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from pathlib import Path
+
+from safetensors import safe_open
+
+from kernels import model_prep
+
+from . import prune
+from .format import compressed_nbytes, count_24_violations
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_PPL_TEXT = "../shared/data/wikitext2/valid.txt"  # relative to the repository root
+
+
+def _check_model_dir(path: str) -> str | None:
+    try:
+        model_prep.validate_model_dir(Path(path))
+    except model_prep.PrepareError as e:
+        return str(e)
+    return None
+
+
+def check_pruned(out_dir: str) -> dict:
+    """Read a 2:4 checkpoint back: 2:4 violations, zeros, and dense vs packed (values + meta) bytes of
+    every 2-D decoder-block weight, in the checkpoint's dtype and, for comparison, in bfloat16."""
+    import torch
+
+    block = re.compile(r"(^|\.)layers\.\d+\..*\.weight$")
+    res = {"tensors": 0, "bad_groups": 0, "weights": 0, "zeros": 0, "bad": [], "dtype": None,
+           "dense_bytes": 0, "packed_bytes": 0, "dense_bytes_bf16": 0, "packed_bytes_bf16": 0}
+    for f in sorted(Path(out_dir).glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as st:
+            for name in st.keys():
+                if not block.search(name):
+                    continue
+                w = st.get_tensor(name)
+                if w.dim() != 2:
+                    continue  # norms
+                n, k = w.shape
+                bad = count_24_violations(w)
+                res["tensors"] += 1
+                res["bad_groups"] += bad
+                res["weights"] += w.numel()
+                res["zeros"] += int((w == 0).sum())
+                res["dtype"] = str(w.dtype).removeprefix("torch.")
+                res["dense_bytes"] += w.numel() * w.element_size()
+                res["packed_bytes"] += compressed_nbytes(n, k, w.dtype)
+                res["dense_bytes_bf16"] += w.numel() * 2
+                res["packed_bytes_bf16"] += compressed_nbytes(n, k, torch.bfloat16)
+                if bad:
+                    res["bad"].append(name)
+    res["ratio"] = res["packed_bytes"] / max(res["dense_bytes"], 1)
+    res["ratio_bf16"] = res["packed_bytes_bf16"] / max(res["dense_bytes_bf16"], 1)
+    return res
+
+
+def cmd_prune(args) -> int:
+    """`leanserve prune` with the arguments server/cli.py parsed."""
+    err = _check_model_dir(args.model_dir)
+    if err:
+        print(f"leanserve: {err}", file=sys.stderr)
+        return 1
+    src, out = Path(args.model_dir).resolve(), Path(args.out_dir).resolve()
+    if out == src:
+        print("leanserve: OUT_DIR must differ from MODEL_DIR (the dense checkpoint is kept)", file=sys.stderr)
+        return 1
+    if (out / "config.json").exists() and not args.force:
+        print(f"leanserve: {out} already holds a checkpoint; pass --force to overwrite it", file=sys.stderr)
+        return 1
+    if args.method != "magnitude" and not args.calib:
+        print(f"leanserve: --method {args.method} needs calibration text: --calib FILE", file=sys.stderr)
+        return 1
+    if args.calib and not Path(args.calib).is_file():
+        print(f"leanserve: calibration file {args.calib} does not exist", file=sys.stderr)
+        return 1
+    if args.samples < 1 or args.seqlen < 2:
+        print("leanserve: need --samples >= 1 and --seqlen >= 2", file=sys.stderr)
+        return 1
+    try:
+        summary = prune.prune_model(str(src), str(out), args.method, args.calib if args.method != "magnitude" else None,
+                                    samples=args.samples, seqlen=args.seqlen, progress=not args.quiet, seed=args.seed)
+    except (ValueError, OSError, RuntimeError, AttributeError, KeyError) as e:
+        print(f"leanserve: pruning failed ({type(e).__name__}): {e}", file=sys.stderr)
+        return 1
+    chk = check_pruned(str(out))
+    calib = "" if args.method == "magnitude" else f", calibration {args.samples} x {args.seqlen} tokens of {args.calib}"
+    print(f"wrote {out} (2:4 {args.method}{calib}; {summary['seconds']} s)")
+    print(f"2:4 check: {chk['tensors']} linear weights in the decoder blocks, {chk['bad_groups']} groups of 4 with "
+          f"more than 2 nonzeros; {chk['zeros']:,} of {chk['weights']:,} weights are zero "
+          f"({100 * chk['zeros'] / max(chk['weights'], 1):.1f}%)")
+    print(f"packed size of these layers: {chk['packed_bytes'] / 2**20:.1f} MiB vs {chk['dense_bytes'] / 2**20:.1f} MiB "
+          f"dense ({chk['ratio']:.4f}x; in bfloat16 {chk['ratio_bf16']:.4f}x)")
+    if chk["bad"] or not chk["tensors"]:
+        print(f"leanserve: the written checkpoint is not 2:4 sparse: {chk['bad'][:5] or 'no block linears found'}",
+              file=sys.stderr)
+        return 1
+    print(f"serve it: leanserve serve --model {out} --engine-args '--quantization leanserve-2of4'")
+    return 0
+
+
+def eval_ppl(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(prog="leanserve eval ppl",
+                                 description="Perplexity of a HF causal LM (float32, HF transformers) on a text file.")
+    ap.add_argument("model_dir", help="HF model directory (dense or pruned)")
+    ap.add_argument("--text", default=DEFAULT_PPL_TEXT,
+                    help=f"text file (relative paths resolve against the repository; default {DEFAULT_PPL_TEXT})")
+    ap.add_argument("--seqlen", type=int, default=2048, help="window length in tokens (non-overlapping windows)")
+    ap.add_argument("--max-tokens", type=int, default=None, help="use only the first N tokens of the text")
+    ap.add_argument("--quiet", action="store_true", help="no progress bar")
+    a = ap.parse_args(argv)
+    text = Path(a.text)
+    if not text.is_absolute() and (a.text == DEFAULT_PPL_TEXT or not text.is_file()):
+        text = REPO_ROOT / text  # the default always, other relative paths when not found from here
+    if not text.is_file():
+        print(f"leanserve: text file {a.text} not found (also tried {REPO_ROOT / a.text})", file=sys.stderr)
+        return 1
+    if a.seqlen < 2 or (a.max_tokens is not None and a.max_tokens < 2):
+        print("leanserve: need --seqlen >= 2 and --max-tokens >= 2", file=sys.stderr)
+        return 1
+    err = _check_model_dir(a.model_dir)
+    if err:
+        print(f"leanserve: {err}", file=sys.stderr)
+        return 1
+    try:
+        ppl = prune.eval_perplexity(a.model_dir, str(text), seqlen=a.seqlen, max_tokens=a.max_tokens,
+                                    progress=not a.quiet)
+    except (ValueError, OSError, RuntimeError, AttributeError, KeyError) as e:
+        print(f"leanserve: evaluation failed ({type(e).__name__}): {e}", file=sys.stderr)
+        return 1
+    limit = f", first {a.max_tokens} tokens" if a.max_tokens else ""
+    print(f"perplexity {ppl:.4f}  ({a.model_dir} on {text.name}{limit}, windows of {a.seqlen} tokens)")
+    return 0
