@@ -1,6 +1,6 @@
 """End-to-end decode throughput on a real vLLM engine with and without Top-H, in one run.
 
-  python -m bench.top_h_e2e [--rounds 3] [--concurrency 1 16] [--out bench-results/top_h_e2e.json]
+  python -m bench.top_h_e2e [--rounds 3] [--concurrency 1 16] [--requests 8] [--out bench-results/top_h_e2e.json]
 
 Same engine, same prompts and lengths (ignore_eos), T = 1; rounds alternate the order of the two
 variants to cancel drift. Reports output tokens/s and the overhead of Top-H.
@@ -23,6 +23,8 @@ def main(argv=None) -> int:
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 16])
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--alpha", type=float, default=0.4)
+    ap.add_argument("--requests", type=int, default=8,
+                    help="requests per variant and round (at least 2 x concurrency)")
     ap.add_argument("--out", default="bench-results/top_h_e2e.json")
     a = ap.parse_args(argv)
     base = {"model": MODEL, "messages": [{"role": "user", "content": "Tell me a long story about the sea."}],
@@ -33,7 +35,7 @@ def main(argv=None) -> int:
         asyncio.run(load(url, variants["top_h"], 4, 4))  # warm-up both paths
         asyncio.run(load(url, base, 4, 4))
         for conc in a.concurrency:
-            n = max(4, 2 * conc)
+            n = max(a.requests, 2 * conc)
             acc = {k: [0, 0.0] for k in variants}
             for i in range(a.rounds):
                 names = list(variants) if i % 2 == 0 else list(variants)[::-1]

@@ -153,6 +153,29 @@ def test_cpu_path_escalates_past_the_first_candidates():
         assert torch.equal(out[ref & ~torch.isneginf(xd)], xd[ref & ~torch.isneginf(xd)])
 
 
+@pytest.mark.parametrize("v,scale", [(8192, 3.0), (4096, 0.3), (49152, 2.0)])
+def test_cpu_topk_by_blocks_equals_topk(v, scale):
+    from kernels.top_h.ops import _topk
+    x = random_logits(5, v, v, scale=scale)
+    x[1] = torch.round(x[1])  # many ties, also among the block maxima
+    x[2, : v // 2] = NEG_INF
+    vals, idx = _topk(x, 32)
+    ref_vals, _ = torch.topk(x, 32, dim=-1)
+    assert torch.equal(vals, ref_vals)
+    assert torch.equal(x.gather(1, idx), vals) and all(len(set(r.tolist())) == 32 for r in idx)
+
+
+def test_cpu_path_block_candidates_with_ties():
+    x = random_logits(6, 8192, 31, scale=2.0)
+    x[0] = torch.round(x[0] * 2) / 2  # ties inside and across the candidate boundary
+    x[1, :] = 0.0
+    x[1, 100:104] = 5.0
+    alpha = torch.tensor([0.3, 0.4, 0.6, 0.9, 0.2, 0.5])
+    ref = top_h_keep_mask(x, alpha)
+    out = top_h_filter(x, alpha)
+    assert torch.equal(~torch.isneginf(out), ref)
+
+
 def test_cpu_path_in_place_and_scalar_alpha():
     x = random_logits(3, 300, 5)
     y = x.clone()
