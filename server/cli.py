@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from typing import get_args, get_origin
 
 from pydantic import ValidationError
 

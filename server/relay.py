@@ -20,7 +20,7 @@ from .errors import APIError, error_body, normalize_upstream_error
 from .metrics import Metrics
 from .replicas import Replica, ReplicaPool
 from .schema import engine_body, parse_body
-from .sse import DONE, DONE_EVENT, FINISHED, TOKEN, USAGE, classify, load_event, split_events
+from .sse import DONE, DONE_EVENT, FINISHED, TOKEN, USAGE, EventSplitter, classify, load_event
 from .trimming.stream import TrimPlan, TrimService, plan_trim
 
 log = logging.getLogger("leanserve.relay")
@@ -271,14 +271,13 @@ class RelayResponse:
         b = m.bound(self.model, self.endpoint)
         ttft, itl = b.ttft, b.itl
         last_token_at = 0.0
-        buf = b""
+        splitter = EventSplitter()
         saw_done = False
         try:
             async for chunk in resp.content.iter_any():
-                buf += chunk
-                if b"\n\n" not in buf:
+                events = splitter.feed(chunk)
+                if not events:
                     continue
-                events, buf = split_events(buf)
                 out = []
                 now = time.perf_counter()
                 for ev in events:

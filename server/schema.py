@@ -108,8 +108,11 @@ def parse_body(raw: bytes, endpoint: Endpoint) -> dict[str, Any]:
 
 
 def _check_trim(body: dict[str, Any], endpoint: Endpoint) -> None:
-    """An explicit `trim` must be valid and applicable (the server default silently skips where it is not)."""
+    """An explicit `trim` must be valid and applicable (the server default silently skips where it is not).
+    It is replaced by its TrimOptions, or by False when it says enabled: false, so the relay need not
+    validate it again."""
     trim = body["trim"]
+    opts = TrimOptions()
     if isinstance(trim, dict):
         try:
             opts = TrimOptions.model_validate(trim)
@@ -118,9 +121,11 @@ def _check_trim(body: dict[str, Any], endpoint: Endpoint) -> None:
             param = ".".join(["trim", *(str(p) for p in err["loc"])])
             raise APIError(400, f"Invalid value for '{param}': {err['msg']}", param=param, code="invalid_value")
         if not opts.enabled:
+            body["trim"] = False
             return
     if endpoint != "chat":
         raise APIError(400, "thought trimming ('trim') is available on /v1/chat/completions only", param="trim",
                        code="unsupported_parameter")
     if (body.get("n") or 1) != 1:
         raise APIError(400, "thought trimming ('trim') needs n=1", param="trim", code="unsupported_parameter")
+    body["trim"] = opts

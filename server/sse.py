@@ -32,7 +32,17 @@ def load_event(ev: bytes) -> dict:
     return data if isinstance(data, dict) else {}
 
 
-def split_events(buf: bytes) -> tuple[list[bytes], bytes]:
-    """Complete events in buf (stripped, empty ones dropped) and the incomplete rest."""
-    *events, rest = buf.split(b"\n\n")
-    return [e for e in (ev.strip(b"\r\n") for ev in events) if e], rest
+class EventSplitter:
+    """Complete events from a byte stream fed in arbitrary chunks (stripped, empty ones dropped)."""
+    __slots__ = ("rest",)
+
+    def __init__(self) -> None:
+        self.rest = b""
+
+    def feed(self, chunk: bytes) -> list[bytes]:
+        buf = self.rest + chunk
+        if b"\n\n" not in buf:
+            self.rest = buf
+            return []
+        *events, self.rest = buf.split(b"\n\n")
+        return [e for e in (ev.strip(b"\r\n") for ev in events) if e]

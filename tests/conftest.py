@@ -7,28 +7,29 @@ from tests.support.servers import ThreadedServer
 
 
 @pytest.fixture
-def upstream():
-    fake = FakeUpstream()
-    srv = ThreadedServer(fake).start()
-    fake.url = srv.url
-    yield fake
-    srv.stop()
+def serve_app():
+    """serve_app(app) runs an ASGI app (a fake engine) on a loopback port, sets app.url, returns app."""
+    servers = []
+
+    def serve(app):
+        srv = ThreadedServer(app).start()
+        app.url = srv.url
+        servers.append(srv)
+        return app
+
+    yield serve
+    for s in servers:
+        s.stop()
 
 
 @pytest.fixture
-def make_upstream():
-    servers = []
+def upstream(serve_app):
+    return serve_app(FakeUpstream())
 
-    def make(**kw):
-        fake = FakeUpstream(**kw)
-        srv = ThreadedServer(fake).start()
-        fake.url = srv.url
-        servers.append(srv)
-        return fake
 
-    yield make
-    for s in servers:
-        s.stop()
+@pytest.fixture
+def make_upstream(serve_app):
+    return lambda **kw: serve_app(FakeUpstream(**kw))
 
 
 @pytest.fixture

@@ -41,12 +41,13 @@ from typing import Any, Optional, Sequence
 
 import aiohttp
 
-from ..errors import APIError, error_body, normalize_upstream_error
+from ..errors import APIError, normalize_upstream_error
 from ..schema import TrimOptions, engine_body
-from ..sse import DONE_EVENT, TOKEN, USAGE, classify, load_event, split_events
+from ..sse import DONE_EVENT, TOKEN, USAGE, EventSplitter, classify, load_event
 from .policy import Decision, ThoughtTrimmer, TrimConfig, estimate_tokens
 from .rule_verifier import RuleVerifier, Verifier
 from .segment import THINK, Delimiters
+from .sinks import CollectSink, SSESink
 
 log = logging.getLogger("leanserve.trimming.stream")
 
@@ -92,16 +93,16 @@ _NO_SERVICE = TrimService()
 
 
 def plan_trim(gw: Any, body: dict, endpoint: str) -> Optional["TrimPlan"]:
-    """The trimming plan of a request, or None for the plain relay. parse_body has validated `trim`
-    (and refused it, with 400, where it cannot apply); the server default only applies where it can."""
+    """The trimming plan of a request, or None for the plain relay. parse_body has turned an explicit
+    `trim` into its TrimOptions (refusing it, with 400, where it cannot apply) or into False; the
+    server default applies only where it can."""
     svc: TrimService = getattr(gw, "trim", None) or _NO_SERVICE
     spec = body.get("trim")
-    if spec is False or (spec is None and not svc.default):
+    if isinstance(spec, TrimOptions):
+        return TrimPlan(svc, spec)
+    if spec is False or not svc.default or endpoint != "chat" or (body.get("n") or 1) != 1:
         return None
-    opts = TrimOptions.model_validate(spec) if isinstance(spec, dict) else TrimOptions()
-    if not opts.enabled or endpoint != "chat" or (body.get("n") or 1) != 1:
-        return None
-    return TrimPlan(svc, opts)
+    return TrimPlan(svc, TrimOptions())
 
 
 def _question(messages: Any) -> Optional[str]:
@@ -153,137 +154,6 @@ class TrimPlan:
         await TrimmedStream(self, rr, replica, send).run(resp)
 
 
-# ---- what the client receives: SSE, or one JSON object for stream=false -------------------------
-def _event(obj: dict) -> bytes:
-    return b"data: " + json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
-
-
-class _SSESink:
-    def __init__(self, rr: Any, send):
-        self.rr, self.send, self.out = rr, send, []
-
-    def emit(self, obj: dict) -> None:
-        self.out.append(_event(obj))
-
-    def raw(self, ev: bytes) -> None:
-        self.out.append(ev)
-
-    def usage(self, chunk: dict) -> None:
-        if self.rr.client_wants_usage:
-            self.emit(chunk)
-
-    def error(self, err: APIError) -> None:
-        self.raw(_event(error_body(err.status, err.message, code=err.code)))
-
-    async def _start(self) -> None:
-        if not self.rr.started:
-            from ..relay import SSE_HEADERS
-
-            await self.send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
-
-    async def flush(self) -> None:
-        if self.out:
-            await self._start()
-            body, self.out = b"\n\n".join(self.out) + b"\n\n", []
-            await self.send({"type": "http.response.body", "body": body, "more_body": True})
-
-    async def finish(self) -> None:
-        await self._start()
-        from ..sse import DONE
-
-        body = (b"\n\n".join(self.out) + b"\n\n" if self.out else b"") + DONE + b"\n\n"
-        self.out = []
-        await self.send({"type": "http.response.body", "body": body, "more_body": False})
-
-
-class _CollectSink:
-    """stream=false with trimming: the engine still streams; the chunks merge into one chat.completion."""
-
-    def __init__(self, rr: Any, send):
-        self.rr, self.send = rr, send
-        self.head: dict = {}
-        self.fields: dict[str, str] = {}  # content / reasoning text
-        self.tool_calls: dict[int, dict] = {}
-        self.logprobs: Optional[list] = None
-        self.finish_reason = None
-        self.extra: dict = {}  # e.g. stop_reason
-        self.leanserve: Optional[dict] = None
-        self.usage_: Optional[dict] = None
-        self.failed: Optional[dict] = None
-
-    def emit(self, obj: dict) -> None:
-        if not self.head:
-            self.head = {k: obj.get(k) for k in ("id", "created", "model")}
-        if "leanserve" in obj:
-            self.leanserve = obj["leanserve"]
-        for c in obj.get("choices") or []:
-            delta = c.get("delta") or {}
-            for k, v in delta.items():
-                if k == "tool_calls" and isinstance(v, list):
-                    self._tool_calls(v)
-                elif isinstance(v, str) and k != "role":
-                    self.fields[k] = self.fields.get(k, "") + v
-            lp = c.get("logprobs")
-            if isinstance(lp, dict) and isinstance(lp.get("content"), list):
-                self.logprobs = (self.logprobs or []) + lp["content"]
-            if c.get("finish_reason"):
-                self.finish_reason = c["finish_reason"]
-                if "stop_reason" in c:
-                    self.extra["stop_reason"] = c["stop_reason"]
-
-    def _tool_calls(self, calls: list) -> None:
-        for tc in calls:
-            if not isinstance(tc, dict):
-                continue
-            cur = self.tool_calls.setdefault(tc.get("index", 0), {"function": {"arguments": ""}})
-            for k in ("id", "type"):
-                if tc.get(k):
-                    cur[k] = tc[k]
-            fn = tc.get("function") or {}
-            if fn.get("name"):
-                cur["function"]["name"] = fn["name"]
-            cur["function"]["arguments"] += fn.get("arguments") or ""
-
-    def raw(self, ev: bytes) -> None:
-        try:
-            data = json.loads(ev[5:])
-        except ValueError:
-            return
-        if isinstance(data, dict) and "error" in data and self.failed is None:
-            self.failed = data
-
-    def usage(self, chunk: dict) -> None:
-        self.usage_ = chunk.get("usage")
-
-    def error(self, err: APIError) -> None:
-        if self.failed is None:
-            self.failed = error_body(err.status, err.message, code=err.code)
-
-    async def flush(self) -> None:
-        pass
-
-    async def finish(self) -> None:
-        from ..relay import send_json
-
-        if self.failed is not None:
-            err = self.failed.get("error") or {}
-            status = err.get("code") if isinstance(err.get("code"), int) and err["code"] >= 400 else 502
-            body = normalize_upstream_error(status, json.dumps(self.failed).encode())
-            return await send_json(self.send, status, body)
-        msg: dict[str, Any] = {"role": "assistant", "content": self.fields.pop("content", None)}
-        msg.update(self.fields)
-        if self.tool_calls:
-            msg["tool_calls"] = [self.tool_calls[i] for i in sorted(self.tool_calls)]
-        if msg["content"] is None and not self.tool_calls:
-            msg["content"] = ""
-        choice = {"index": 0, "message": msg, "logprobs": {"content": self.logprobs} if self.logprobs else None,
-                  "finish_reason": self.finish_reason, **self.extra}
-        body = {**self.head, "object": "chat.completion", "choices": [choice], "usage": self.usage_}
-        if self.leanserve is not None:
-            body["leanserve"] = self.leanserve
-        await send_json(self.send, 200, body)
-
-
 # ---- a verifier that reports its latency --------------------------------------------------------
 class _Timed(Verifier):
     def __init__(self, inner: Verifier, hist: Any):
@@ -324,7 +194,7 @@ class TrimmedStream:
         self.model = rr.model
         self.opts = plan.options
         self.delims = plan.service.delimiters
-        self.sink = _SSESink(rr, send) if rr.stream else _CollectSink(rr, send)
+        self.sink = SSESink(rr, send) if rr.stream else CollectSink(rr, send)
         opts = rr.body.get("stream_options") or {}
         self.client_continuous = rr.stream and rr.client_wants_usage and bool(opts.get("continuous_usage_stats"))
         b = self.gw.metrics.bound(self.model, rr.endpoint)
@@ -415,7 +285,7 @@ class TrimmedStream:
     async def _first(self, resp: aiohttp.ClientResponse) -> None:
         from ..relay import CONNECT_ERRORS, _Retry
 
-        buf = b""
+        splitter = EventSplitter()
         try:
             while True:
                 if self.cut_future.done() and not self.cut_considered:  # decided while the engine was quiet
@@ -434,10 +304,9 @@ class TrimmedStream:
                 chunk = reader.result()
                 if not chunk:
                     break
-                buf += chunk
-                if b"\n\n" not in buf:
+                events = splitter.feed(chunk)
+                if not events:
                     continue
-                events, buf = split_events(buf)
                 now = time.perf_counter()
                 for ev in events:
                     kind = classify(ev)
@@ -721,13 +590,12 @@ class TrimmedStream:
     async def _relay_continuation(self, resp: aiohttp.ClientResponse, replica: Any) -> None:
         from ..relay import CONNECT_ERRORS
 
-        buf, done, usage2 = b"", False, None
+        splitter, done, usage2 = EventSplitter(), False, None
         try:
             async for chunk in resp.content.iter_any():
-                buf += chunk
-                if b"\n\n" not in buf:
+                events = splitter.feed(chunk)
+                if not events:
                     continue
-                events, buf = split_events(buf)
                 now = time.perf_counter()
                 for ev in events:
                     kind = classify(ev)

@@ -5,14 +5,13 @@ thinking_budget makes the cut deterministic; the point is that the trim path run
 abort, continuation with continue_final_message, one well-formed stream, honest usage, no request
 left running after a client disconnect."""
 import json
-import time
 
 import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from server.trimming.stream import CLOSING_PHRASE
 from tests.integration.conftest import MODEL
+from tests.support.probes import metric, wait_for
 
 pytestmark = pytest.mark.integration
 SYSTEM = ("You are a careful solver. First think step by step inside <think> and </think> tags, "
@@ -33,21 +32,11 @@ def sse(resp):
 
 
 def running(engine_url) -> float:
-    total = 0.0
-    for fam in text_string_to_metric_families(httpx.get(engine_url + "/metrics", timeout=10).text):
-        for s in fam.samples:
-            if s.name == "vllm:num_requests_running":
-                total += s.value
-    return total
+    return metric(engine_url, "vllm:num_requests_running")
 
 
 def wait_idle(engine_url, timeout=20.0) -> bool:
-    t0 = time.monotonic()
-    while running(engine_url) > 0:
-        if time.monotonic() - t0 > timeout:
-            return False
-        time.sleep(0.2)
-    return True
+    return wait_for(lambda: running(engine_url) == 0, timeout, interval=0.2)
 
 
 def prompt_tokens(engine_url, messages) -> int:

@@ -2,7 +2,6 @@
 (plain, merged QKV and merged gate/up, loaded through their own weight loaders) against F.linear of
 the masked dense weight; the packed bytes; the errors; the plugin registration."""
 import importlib.metadata
-import os
 import tempfile
 
 import pytest

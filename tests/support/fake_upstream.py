@@ -8,6 +8,8 @@ import asyncio
 import json
 import time
 
+from tests.support.asgi import lifespan, read_json, send_json, watch_disconnect
+
 MODEL = "fake-model"
 
 
@@ -25,43 +27,27 @@ class FakeUpstream:
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "lifespan":
-            while (msg := await receive())["type"] != "lifespan.shutdown":
-                await send({"type": msg["type"] + ".complete"})
-            await send({"type": "lifespan.shutdown.complete"})
-            return
+            return await lifespan(receive, send)
         path = scope["path"]
         if path == "/health":
-            return await self._json(send, 200 if self.healthy else 503, {} if self.healthy else {"error": "down"})
+            return await send_json(send, 200 if self.healthy else 503, {} if self.healthy else {"error": "down"})
         if path == "/v1/models":
-            return await self._json(send, 200, {"object": "list", "data": [
+            return await send_json(send, 200, {"object": "list", "data": [
                 {"id": self.model, "object": "model", "created": 0, "owned_by": "fake"}]})
         if path not in ("/v1/chat/completions", "/v1/completions"):
-            return await self._json(send, 404, {"error": {"message": "no route", "type": "NotFound", "code": 404}})
-        body = b""
-        while True:
-            msg = await receive()
-            body += msg.get("body", b"")
-            if not msg.get("more_body"):
-                break
-        req = json.loads(body)
+            return await send_json(send, 404, {"error": {"message": "no route", "type": "NotFound", "code": 404}})
+        req = await read_json(receive)
         self.requests.append(req)
         status = req.get("fake_status") or self.fail_status
         if status:
-            return await self._json(send, status, {"error": {"message": f"fake failure {status}",
+            return await send_json(send, status, {"error": {"message": f"fake failure {status}",
                                                              "type": "BadRequestError", "param": None,
                                                              "code": status}})
         if req.get("model") != self.model:
-            return await self._json(send, 404, {"error": {"message": f"The model `{req.get('model')}` does not exist.",
+            return await send_json(send, 404, {"error": {"message": f"The model `{req.get('model')}` does not exist.",
                                                           "type": "NotFoundError", "param": "model", "code": 404}})
         self.active += 1
-        gone = asyncio.Event()
-
-        async def watch():
-            while (await receive())["type"] != "http.disconnect":
-                pass
-            gone.set()
-
-        watcher = asyncio.ensure_future(watch())
+        gone, watcher = watch_disconnect(receive)
         try:
             await self._complete(req, path == "/v1/chat/completions", send, gone)
         finally:
@@ -98,7 +84,7 @@ class FakeUpstream:
             text = "".join(tokens)
             choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "length"}
                       if chat else {"index": 0, "text": text, "finish_reason": "length"})
-            return await self._json(send, 200, {"id": rid, "object": obj, "created": int(time.time()),
+            return await send_json(send, 200, {"id": rid, "object": obj, "created": int(time.time()),
                                                 "model": self.model, "choices": [choice], "usage": usage})
         await send({"type": "http.response.start", "status": 200,
                     "headers": [(b"content-type", b"text/event-stream; charset=utf-8")]})
@@ -122,9 +108,3 @@ class FakeUpstream:
             chunk = {"id": rid, "object": obj, "created": 0, "model": self.model, "choices": [], "usage": usage}
             tail = b"data: " + json.dumps(chunk).encode() + b"\n\n"
         await send({"type": "http.response.body", "body": tail + b"data: [DONE]\n\n", "more_body": False})
-
-    @staticmethod
-    async def _json(send, status: int, body: dict) -> None:
-        await send({"type": "http.response.start", "status": status,
-                    "headers": [(b"content-type", b"application/json")]})
-        await send({"type": "http.response.body", "body": json.dumps(body).encode()})

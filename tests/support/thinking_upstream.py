@@ -15,6 +15,8 @@ import re
 import time
 from typing import Callable, Optional, Sequence
 
+from tests.support.asgi import lifespan, read_json, send_json, watch_disconnect
+
 MODEL = "thinker"
 
 
@@ -63,44 +65,28 @@ class ThinkingUpstream:
     # ---- ASGI ---------------------------------------------------------------------------------
     async def __call__(self, scope, receive, send):
         if scope["type"] == "lifespan":
-            while (msg := await receive())["type"] != "lifespan.shutdown":
-                await send({"type": msg["type"] + ".complete"})
-            await send({"type": "lifespan.shutdown.complete"})
-            return
+            return await lifespan(receive, send)
         path = scope["path"]
         if path == "/health":
-            return await self._json(send, 200, {})
+            return await send_json(send, 200, {})
         if path == "/v1/models":
-            return await self._json(send, 200, {"object": "list", "data": [
+            return await send_json(send, 200, {"object": "list", "data": [
                 {"id": self.model, "object": "model", "created": 0, "owned_by": "fake",
                  "max_model_len": self.max_model_len}]})
-        body = b""
-        while True:
-            msg = await receive()
-            body += msg.get("body", b"")
-            if not msg.get("more_body"):
-                break
-        req = json.loads(body)
+        req = await read_json(receive)
         if path == "/v1/completions":
             return await self._verify(req, send)
         if path != "/v1/chat/completions":
-            return await self._json(send, 404, {"error": {"message": "no route", "code": 404}})
+            return await send_json(send, 404, {"error": {"message": "no route", "code": 404}})
         n = len(self.requests)
         self.requests.append(req)
         continuation = self.is_continuation(req)
         if continuation and self.continuation_status:
-            return await self._json(send, self.continuation_status,
+            return await send_json(send, self.continuation_status,
                                     {"error": {"message": "fake continuation failure", "type": "BadRequestError",
                                                "param": None, "code": self.continuation_status}})
         self.active += 1
-        gone = asyncio.Event()
-
-        async def watch():
-            while (await receive())["type"] != "http.disconnect":
-                pass
-            gone.set()
-
-        watcher = asyncio.ensure_future(watch())
+        gone, watcher = watch_disconnect(receive)
         try:
             await self._stream(n, req, continuation, send, gone)
         finally:
@@ -131,7 +117,7 @@ class ThinkingUpstream:
         times = self.sent[n] = []
         if not req.get("stream"):
             text = "".join(script[:limit])
-            return await self._json(send, 200, {
+            return await send_json(send, 200, {
                 "id": rid, "object": "chat.completion", "created": created, "model": self.model,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
                              "finish_reason": "stop" if limit >= len(script) else "length"}],
@@ -186,7 +172,7 @@ class ThinkingUpstream:
         if self.verifier_delay:
             await asyncio.sleep(self.verifier_delay)
         if self.verifier_status:
-            return await self._json(send, self.verifier_status, {"error": {"message": "fake verifier failure"}})
+            return await send_json(send, self.verifier_status, {"error": {"message": "fake verifier failure"}})
         prompts = req["prompt"] if isinstance(req["prompt"], list) else [req["prompt"]]
         choices = []
         for i, p in enumerate(prompts):
@@ -195,12 +181,6 @@ class ThinkingUpstream:
             choices.append({"index": i, "text": " Yes" if y >= 0.5 else " No", "finish_reason": "length",
                             "logprobs": {"tokens": [" Yes" if y >= 0.5 else " No"], "token_logprobs": [0.0],
                                          "top_logprobs": [tops], "text_offset": [0]}})
-        await self._json(send, 200, {"id": "cmpl-v", "object": "text_completion", "created": 0, "model": self.model,
+        await send_json(send, 200, {"id": "cmpl-v", "object": "text_completion", "created": 0, "model": self.model,
                                      "choices": choices, "usage": {"prompt_tokens": 1, "completion_tokens": 1,
                                                                    "total_tokens": 2}})
-
-    @staticmethod
-    async def _json(send, status: int, body: dict) -> None:
-        await send({"type": "http.response.start", "status": status,
-                    "headers": [(b"content-type", b"application/json")]})
-        await send({"type": "http.response.body", "body": json.dumps(body).encode()})

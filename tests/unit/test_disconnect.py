@@ -1,31 +1,12 @@
 """A client that leaves makes the gateway close the upstream request (the fake engine sees the close)."""
 import asyncio
-import time
 
 import httpx
 
 from tests.support.fake_upstream import MODEL
+from tests.support.probes import metric, wait_for
 
 CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stream": True}
-
-
-def wait_for(cond, timeout=5.0):
-    t0 = time.monotonic()
-    while not cond():
-        if time.monotonic() - t0 > timeout:
-            return False
-        time.sleep(0.02)
-    return True
-
-
-def metric(gw, name):
-    from prometheus_client.parser import text_string_to_metric_families
-    total = 0.0
-    for fam in text_string_to_metric_families(httpx.get(gw.url + "/metrics").text):
-        for s in fam.samples:
-            if s.name == name:
-                total += s.value
-    return total
 
 
 def test_disconnect_mid_stream_aborts_upstream(upstream, make_gateway):
@@ -37,8 +18,8 @@ def test_disconnect_mid_stream_aborts_upstream(upstream, make_gateway):
         assert any("tok0" in line for line in got)
     assert wait_for(lambda: upstream.disconnects == 1 and upstream.active == 0)
     assert upstream.completed == 0
-    assert wait_for(lambda: metric(gw, "leanserve_client_disconnects_total") == 1)
-    assert metric(gw, "leanserve_requests_in_flight") == 0
+    assert wait_for(lambda: metric(gw.url, "leanserve_client_disconnects_total") == 1)
+    assert metric(gw.url, "leanserve_requests_in_flight") == 0
 
 
 def test_disconnect_before_first_token_aborts_upstream(upstream, make_gateway):
@@ -72,9 +53,9 @@ def test_disconnect_while_queued_frees_the_place(upstream, make_gateway):
                 await c.post(gw.url + "/v1/chat/completions", json={**CHAT, "max_tokens": 2}, timeout=0.3)
             except httpx.ReadTimeout:
                 pass
-            assert wait_for(lambda: metric(gw, "leanserve_requests_queued") == 0)
+            assert wait_for(lambda: metric(gw.url, "leanserve_requests_queued") == 0)
             r = await hold
             assert r.status_code == 200
     asyncio.run(scenario())
     assert len(upstream.requests) == 1  # the one that left never reached the engine
-    assert metric(gw, "leanserve_requests_in_flight") == 0
+    assert metric(gw.url, "leanserve_requests_in_flight") == 0

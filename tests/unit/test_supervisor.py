@@ -1,5 +1,4 @@
 """The engine supervisor and `leanserve serve --engine`, with the fake engine standing in for vLLM."""
-import json
 import os
 import signal
 import subprocess

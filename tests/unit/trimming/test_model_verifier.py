@@ -8,21 +8,18 @@ import httpx
 import pytest
 
 from server.trimming.model_verifier import ModelVerifier, p_yes
-from tests.support.servers import ThreadedServer, free_port
+from tests.support.servers import free_port
 from tests.support.thinking_upstream import MODEL, ThinkingUpstream, pieces
-from tests.unit.trimming.test_stream import ANSWER, CHAT, CLOSE, THOUGHTS, marker_index, metric, stream, text_of
+from tests.support.probes import metric
+from tests.unit.trimming.test_stream import ANSWER, CHAT, CLOSE, THOUGHTS, marker_index, stream, text_of
 
 STEP_YES = "Then the total is 8. So the answer is 8."
 STEP_NO = "Let me expand the product first."
 
 
 @pytest.fixture
-def fake():
-    up = ThinkingUpstream(["<think>", "x", "</think>"])
-    srv = ThreadedServer(up).start()
-    up.url = srv.url
-    yield up
-    srv.stop()
+def fake(serve_app):
+    return serve_app(ThinkingUpstream(["<think>", "x", "</think>"]))
 
 
 def run(fn, url, **kw):
@@ -104,12 +101,9 @@ def test_a_cancelled_caller_leaves_the_batch_to_the_others(fake):
 
 # ---- through the gateway ----------------------------------------------------------------------------
 @pytest.fixture
-def thinker():
-    up = ThinkingUpstream(pieces("<think>" + "".join(THOUGHTS) + "</think>\n\nThe answer is 5."), delay=0.01)
-    srv = ThreadedServer(up).start()
-    up.url = srv.url
-    yield up
-    srv.stop()
+def thinker(serve_app):
+    return serve_app(ThinkingUpstream(pieces("<think>" + "".join(THOUGHTS) + "</think>\n\nThe answer is 5."),
+                                      delay=0.01))
 
 
 def test_gateway_asks_the_serving_engine(thinker, make_gateway):
@@ -119,7 +113,7 @@ def test_gateway_asks_the_serving_engine(thinker, make_gateway):
     assert thinker.requests[1]["messages"][-1]["content"] == kept + CLOSE
     assert text_of(evs) == kept + CLOSE + "".join(ANSWER)
     assert thinker.verifier_requests and all(r["model"] == MODEL for r in thinker.verifier_requests)
-    assert metric(gw, "leanserve_trim_verifier_seconds_count", verifier="model") > 0
+    assert metric(gw.url, "leanserve_trim_verifier_seconds_count", verifier="model") > 0
 
 
 def test_gateway_uses_a_configured_verifier_endpoint(thinker, fake, make_gateway):

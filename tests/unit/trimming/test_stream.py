@@ -6,11 +6,10 @@ import time
 import httpx
 import openai
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from server.trimming import RuleVerifier
 from server.trimming.stream import CLOSING_PHRASE, TrimService
-from tests.support.servers import ThreadedServer
+from tests.support.probes import metric, wait_for
 from tests.support.thinking_upstream import MODEL, ThinkingUpstream, pieces
 
 THOUGHTS = [
@@ -32,19 +31,8 @@ CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "What is x + y?
 
 
 @pytest.fixture
-def make_thinker():
-    servers = []
-
-    def make(script=None, **kw):
-        fake = ThinkingUpstream(pieces(TRACE) if script is None else script, **kw)
-        srv = ThreadedServer(fake).start()
-        fake.url = srv.url
-        servers.append(srv)
-        return fake
-
-    yield make
-    for s in servers:
-        s.stop()
+def make_thinker(serve_app):
+    return lambda script=None, **kw: serve_app(ThinkingUpstream(pieces(TRACE) if script is None else script, **kw))
 
 
 def stream(gw, body, path="/v1/chat/completions"):
@@ -68,24 +56,6 @@ def marker_index(evs):
     idx = [i for i, (_, e) in enumerate(evs) if isinstance(e, dict) and "leanserve" in e]
     assert len(idx) == 1, idx
     return idx[0]
-
-
-def metric(gw, name, **labels):
-    total = 0.0
-    for fam in text_string_to_metric_families(httpx.get(gw.url + "/metrics").text):
-        for s in fam.samples:
-            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
-                total += s.value
-    return total
-
-
-def wait_for(cond, timeout=5.0):
-    t0 = time.monotonic()
-    while not cond():
-        if time.monotonic() - t0 > timeout:
-            return False
-        time.sleep(0.02)
-    return True
 
 
 def assert_valid_stream(evs, first_id, created, usage_asked):
@@ -228,10 +198,10 @@ def test_no_cut_relays_the_trace_unchanged(make_thinker, make_gateway):
     assert not any("leanserve" in e for _, e in evs[:-1])
     usage = assert_valid_stream(evs, "chatcmpl-think0", 1000, usage_asked=True)
     assert usage["completion_tokens"] == len(pieces(trace))
-    assert metric(gw, "leanserve_trims_total") == 0
+    assert metric(gw.url, "leanserve_trims_total") == 0
     # thinking tokens: the pieces from the one with <think> through the one with </think>
     thinking = next(i for i, p in enumerate(pieces(trace)) if "</think>" in p) + 1
-    assert metric(gw, "leanserve_trim_thinking_tokens_total", model=MODEL) == thinking
+    assert metric(gw.url, "leanserve_trim_thinking_tokens_total", model=MODEL) == thinking
 
 
 def test_text_without_thinking_passes_through(make_thinker, make_gateway):
@@ -424,8 +394,8 @@ def test_disconnect_during_continuation_closes_it(make_thinker, make_gateway):
                 break
     assert wait_for(lambda: up.active == 0 and up.finished.get(1) == "disconnected")
     assert up.finished[0] == "disconnected" and len(up.requests) == 2
-    assert wait_for(lambda: metric(gw, "leanserve_requests_in_flight") == 0)
-    assert metric(gw, "leanserve_engine_requests_in_flight") == 0
+    assert wait_for(lambda: metric(gw.url, "leanserve_requests_in_flight") == 0)
+    assert metric(gw.url, "leanserve_engine_requests_in_flight") == 0
 
 
 def test_disconnect_during_thinking_closes_the_first_call(make_thinker, make_gateway):
@@ -445,12 +415,12 @@ def test_trim_metrics(make_thinker, make_gateway):
     gw = make_gateway([up.url])
     evs = stream(gw, {**CHAT, "trim": True, "max_tokens": 300})
     marker = evs[marker_index(evs)][1]["leanserve"]["trim"]
-    assert metric(gw, "leanserve_trims_total", model=MODEL, reason="overthinking") == 1
-    assert metric(gw, "leanserve_trim_thinking_tokens_total", model=MODEL) == marker["thinking_tokens"]
-    assert metric(gw, "leanserve_trim_tokens_saved_total", model=MODEL) == 300 - marker["thinking_tokens"]
-    assert metric(gw, "leanserve_trim_verifier_seconds_count", verifier="rule") >= 5
-    assert metric(gw, "leanserve_completion_tokens_total", model=MODEL) == marker["thinking_tokens"] + len(ANSWER)
-    assert metric(gw, "leanserve_finished_choices_total", model=MODEL, finish_reason="stop") == 1
+    assert metric(gw.url, "leanserve_trims_total", model=MODEL, reason="overthinking") == 1
+    assert metric(gw.url, "leanserve_trim_thinking_tokens_total", model=MODEL) == marker["thinking_tokens"]
+    assert metric(gw.url, "leanserve_trim_tokens_saved_total", model=MODEL) == 300 - marker["thinking_tokens"]
+    assert metric(gw.url, "leanserve_trim_verifier_seconds_count", verifier="rule") >= 5
+    assert metric(gw.url, "leanserve_completion_tokens_total", model=MODEL) == marker["thinking_tokens"] + len(ANSWER)
+    assert metric(gw.url, "leanserve_finished_choices_total", model=MODEL, finish_reason="stop") == 1
 
 
 def test_saved_estimate_against_the_context_without_max_tokens(make_thinker, make_gateway):
