@@ -10,6 +10,7 @@ import importlib.util
 import json
 import os
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -146,3 +147,21 @@ def prepare_default(out_dir: Path | None = None, force: bool = False, progress: 
     bar.update()
     bar.close()
     return Prepared(out_dir, DEFAULT_MODEL_NAME, converted=True)
+
+
+# ----------------------------------------------------------------------------- `leanserve prepare-model`
+
+def add_arguments(p) -> None:
+    p.add_argument("--out", default=None, help="output directory (default: $LEANSERVE_HOME/models/<name>)")
+    p.add_argument("--force", action="store_true", help="convert again even if a verified copy exists")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def main(args) -> int:
+    try:
+        res = prepare_default(args.out, force=args.force, progress=not args.quiet)
+    except PrepareError as e:
+        print(f"leanserve: {e}", file=sys.stderr)
+        return 1
+    print(f"{res.name}: {'converted to' if res.converted else 'already prepared in'} {res.path}")
+    return 0

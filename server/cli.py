@@ -1,13 +1,48 @@
-"""The `leanserve` command."""
+"""The `leanserve` command.
+
+`serve` is the gateway's own command and is defined here. Every other subcommand owns its argument
+parser next to its code and is only *named* here, in COMMANDS (top level) or EVALUATIONS
+(`leanserve eval <what>`), as a `Subcommand`: its help line, "module:function" that adds its arguments
+to an argparse parser, and "module:function" that runs it on the parsed namespace and returns the exit
+code. Their modules are imported only when that subcommand runs, so a gateway-only install (no torch,
+no vLLM) still runs `leanserve --help`, and an engine-side subcommand there fails with one line.
+"""
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import sys
+from dataclasses import dataclass
 
 from pydantic import ValidationError
 
 from .config import Settings
+
+
+@dataclass(frozen=True)
+class Subcommand:
+    help: str
+    arguments: str  # "module:function(parser)": adds the subcommand's arguments
+    main: str  # "module:function(args) -> int": runs it
+
+
+COMMANDS = {
+    "prepare-model": Subcommand(
+        "convert the default model (SmolLM2-135M-Instruct GGUF) for vLLM",
+        "kernels.model_prep:add_arguments", "kernels.model_prep:main"),
+    "prune": Subcommand(
+        "prune a HF Llama-style checkpoint to 2:4 sparsity (serve it with --quantization leanserve-2of4)",
+        "kernels.sparse24.cli:add_arguments", "kernels.sparse24.cli:main"),
+}
+EVALUATIONS = {
+    "trim": Subcommand(
+        "thought trimming on recorded reasoning traces",
+        "server.trimming.offline_eval:add_arguments", "server.trimming.offline_eval:main"),
+    "ppl": Subcommand(
+        "perplexity of a HF causal LM on a text file (HF transformers, float32)",
+        "kernels.perplexity:add_arguments", "kernels.perplexity:main"),
+}
 
 # Repeatable flags whose names differ from the settings field.
 _LIST_FLAGS = {"engines": "--engine", "api_keys": "--api-key"}
@@ -45,93 +80,47 @@ def _cmd_serve(args) -> int:
         return 1
 
 
-def _cmd_prepare_model(args) -> int:
-    try:
-        from kernels import model_prep
-    except ImportError as e:
-        print(f"leanserve: {e}", file=sys.stderr)
-        return 1
-    try:
-        res = model_prep.prepare_default(args.out, force=args.force, progress=not args.quiet)
-    except model_prep.PrepareError as e:
-        print(f"leanserve: {e}", file=sys.stderr)
-        return 1
-    print(f"{res.name}: {'converted to' if res.converted else 'already prepared in'} {res.path}")
-    return 0
-
-
-def _cmd_eval(args) -> int:
-    if args.what == "trim":
-        from .trimming import offline_eval
-        return offline_eval.main(args.args)
-    if args.what == "ppl":
-        return _eval_ppl(args.args)
-    raise AssertionError(args.what)
-
-
-# ----------------------------------------------------------------------------- 2:4 sparsity (engine side, lazy)
-
-def _sparse24_cli(what: str):
-    """kernels.sparse24.cli, or None after printing why: torch/transformers live in the engine extra."""
-    try:
-        from kernels.sparse24 import cli
-        import transformers  # noqa: F401
-    except ImportError as e:
-        print(f"leanserve: {what} needs torch and transformers (pip install 'leanserve[engine-cpu]'): {e}",
-              file=sys.stderr)
-        return None
-    return cli
-
-
-def _cmd_prune(args) -> int:
-    cli = _sparse24_cli("leanserve prune")
-    return 1 if cli is None else cli.cmd_prune(args)
-
-
-def _eval_ppl(argv: list[str]) -> int:
-    cli = _sparse24_cli("leanserve eval ppl")
-    return 1 if cli is None else cli.eval_ppl(argv)
-
-
 def build_parser() -> argparse.ArgumentParser:
+    """The top-level parser: `serve` in full; the lazy subcommands as names and help lines only (their
+    own parsers are built by run_subcommand)."""
     p = argparse.ArgumentParser(prog="leanserve", description="OpenAI-compatible gateway in front of vLLM")
-    sub = p.add_subparsers(dest="cmd", required=True)
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
     s = sub.add_parser("serve", help="serve the OpenAI API (embedded vLLM engine unless --engine is given)",
                        description="Every option can also be set as a LEANSERVE_* environment variable.")
     _add_settings_flags(s)
     s.set_defaults(func=_cmd_serve)
-    m = sub.add_parser("prepare-model", help="convert the default model (SmolLM2-135M-Instruct GGUF) for vLLM")
-    m.add_argument("--out", default=None, help="output directory (default: $LEANSERVE_HOME/models/<name>)")
-    m.add_argument("--force", action="store_true", help="convert again even if a verified copy exists")
-    m.add_argument("--quiet", action="store_true", help="no progress bar")
-    m.set_defaults(func=_cmd_prepare_model)
-    e = sub.add_parser("eval", help="offline evaluations (trim: thought trimming on recorded reasoning traces; "
-                                    "ppl: perplexity of a model on a text file)")
-    e.add_argument("what", choices=["trim", "ppl"])
-    e.add_argument("args", nargs=argparse.REMAINDER,
-                   help="arguments of the evaluation (see `leanserve eval trim -h`, `leanserve eval ppl -h`)")
-    e.set_defaults(func=_cmd_eval)
-    pr = sub.add_parser("prune", help="prune a HF Llama-style checkpoint to 2:4 sparsity (serve it with "
-                                      "--quantization leanserve-2of4)",
-                        description="Prunes every linear layer of the decoder blocks to 2:4 along its input "
-                                    "dimension and writes a normal HF checkpoint whose config.json carries a "
-                                    "\"leanserve_sparsity\" marker.")
-    pr.add_argument("model_dir", metavar="MODEL_DIR", help="dense HF model directory")
-    pr.add_argument("out_dir", metavar="OUT_DIR", help="where to write the pruned checkpoint")
-    pr.add_argument("--method", choices=["magnitude", "wanda", "sparsegpt"], required=True,
-                    help="magnitude (no calibration), wanda or sparsegpt (these two need --calib)")
-    pr.add_argument("--calib", default=None, help="calibration text file (wanda, sparsegpt); keep it disjoint "
-                                                  "from the text you evaluate on")
-    pr.add_argument("--samples", type=int, default=128, help="calibration windows [default 128]")
-    pr.add_argument("--seqlen", type=int, default=2048, help="tokens per calibration window [default 2048]")
-    pr.add_argument("--seed", type=int, default=0, help="seed of the window positions [default 0]")
-    pr.add_argument("--force", action="store_true", help="overwrite OUT_DIR if it already holds a checkpoint")
-    pr.add_argument("--quiet", action="store_true", help="no progress bar")
-    pr.set_defaults(func=_cmd_prune)
+    for name, c in COMMANDS.items():
+        sub.add_parser(name, help=c.help, add_help=False)
+    e = sub.add_parser("eval", help="offline evaluations: " + ", ".join(EVALUATIONS))
+    what = e.add_subparsers(dest="what", required=True, metavar="WHAT")
+    for name, c in EVALUATIONS.items():
+        what.add_parser(name, help=c.help, add_help=False)
     return p
 
 
+def _load(spec: str):
+    module, _, func = spec.partition(":")
+    return getattr(importlib.import_module(module), func)
+
+
+def run_subcommand(prog: str, c: Subcommand, argv: list[str]) -> int:
+    try:
+        add_arguments, main_ = _load(c.arguments), _load(c.main)
+    except ImportError as e:  # the engine extra is missing: one line, no traceback
+        print(f"{prog}: needs the engine side of leanserve (torch, transformers, vLLM: "
+              f"pip install 'leanserve[engine-cpu]'): {e}", file=sys.stderr)
+        return 1
+    p = argparse.ArgumentParser(prog=prog, description=c.help)
+    add_arguments(p)
+    return main_(p.parse_args(argv))
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in COMMANDS:
+        return run_subcommand(f"leanserve {argv[0]}", COMMANDS[argv[0]], argv[1:])
+    if len(argv) > 1 and argv[0] == "eval" and argv[1] in EVALUATIONS:
+        return run_subcommand(f"leanserve eval {argv[1]}", EVALUATIONS[argv[1]], argv[2:])
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

@@ -1,22 +1,19 @@
-"""`leanserve prune` and `leanserve eval ppl`: argument checks, the pruner, a read-back check of the
-written checkpoint, perplexity. server/cli.py defines the arguments and imports this lazily: torch and
-transformers live in the engine extra, and a gateway-only install must still run `leanserve --help`."""
+"""`leanserve prune`: its arguments, their checks, the pruner, a read-back check of the written
+checkpoint. server/cli.py names this module and imports it only when the command runs (torch and
+transformers live in the engine extra)."""
 from __future__ import annotations
 
-import argparse
 import re
 import sys
 from pathlib import Path
 
+import transformers  # noqa: F401  (imported here so a missing engine extra fails before any work)
 from safetensors import safe_open
 
 from kernels import model_prep
 
 from . import prune
 from .format import compressed_nbytes, count_24_violations
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_PPL_TEXT = "../shared/data/wikitext2/valid.txt"  # relative to the repository root
 
 
 def _check_model_dir(path: str) -> str | None:
@@ -61,8 +58,23 @@ def check_pruned(out_dir: str) -> dict:
     return res
 
 
-def cmd_prune(args) -> int:
-    """`leanserve prune` with the arguments server/cli.py parsed."""
+def add_arguments(p) -> None:
+    p.description = ("Prunes every linear layer of the decoder blocks to 2:4 along its input dimension and writes "
+                     "a normal HF checkpoint whose config.json carries a \"leanserve_sparsity\" marker.")
+    p.add_argument("model_dir", metavar="MODEL_DIR", help="dense HF model directory")
+    p.add_argument("out_dir", metavar="OUT_DIR", help="where to write the pruned checkpoint")
+    p.add_argument("--method", choices=prune.METHODS, required=True,
+                   help="magnitude (no calibration), wanda or sparsegpt (these two need --calib)")
+    p.add_argument("--calib", default=None, help="calibration text file (wanda, sparsegpt); keep it disjoint "
+                                                 "from the text you evaluate on")
+    p.add_argument("--samples", type=int, default=128, help="calibration windows [default 128]")
+    p.add_argument("--seqlen", type=int, default=2048, help="tokens per calibration window [default 2048]")
+    p.add_argument("--seed", type=int, default=0, help="seed of the window positions [default 0]")
+    p.add_argument("--force", action="store_true", help="overwrite OUT_DIR if it already holds a checkpoint")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def main(args) -> int:
     err = _check_model_dir(args.model_dir)
     if err:
         print(f"leanserve: {err}", file=sys.stderr)
@@ -102,38 +114,4 @@ def cmd_prune(args) -> int:
               file=sys.stderr)
         return 1
     print(f"serve it: leanserve serve --model {out} --engine-args '--quantization leanserve-2of4'")
-    return 0
-
-
-def eval_ppl(argv: list[str]) -> int:
-    ap = argparse.ArgumentParser(prog="leanserve eval ppl",
-                                 description="Perplexity of a HF causal LM (float32, HF transformers) on a text file.")
-    ap.add_argument("model_dir", help="HF model directory (dense or pruned)")
-    ap.add_argument("--text", default=DEFAULT_PPL_TEXT,
-                    help=f"text file (relative paths resolve against the repository; default {DEFAULT_PPL_TEXT})")
-    ap.add_argument("--seqlen", type=int, default=2048, help="window length in tokens (non-overlapping windows)")
-    ap.add_argument("--max-tokens", type=int, default=None, help="use only the first N tokens of the text")
-    ap.add_argument("--quiet", action="store_true", help="no progress bar")
-    a = ap.parse_args(argv)
-    text = Path(a.text)
-    if not text.is_absolute() and (a.text == DEFAULT_PPL_TEXT or not text.is_file()):
-        text = REPO_ROOT / text  # the default always, other relative paths when not found from here
-    if not text.is_file():
-        print(f"leanserve: text file {a.text} not found (also tried {REPO_ROOT / a.text})", file=sys.stderr)
-        return 1
-    if a.seqlen < 2 or (a.max_tokens is not None and a.max_tokens < 2):
-        print("leanserve: need --seqlen >= 2 and --max-tokens >= 2", file=sys.stderr)
-        return 1
-    err = _check_model_dir(a.model_dir)
-    if err:
-        print(f"leanserve: {err}", file=sys.stderr)
-        return 1
-    try:
-        ppl = prune.eval_perplexity(a.model_dir, str(text), seqlen=a.seqlen, max_tokens=a.max_tokens,
-                                    progress=not a.quiet)
-    except (ValueError, OSError, RuntimeError, AttributeError, KeyError) as e:
-        print(f"leanserve: evaluation failed ({type(e).__name__}): {e}", file=sys.stderr)
-        return 1
-    limit = f", first {a.max_tokens} tokens" if a.max_tokens else ""
-    print(f"perplexity {ppl:.4f}  ({a.model_dir} on {text.name}{limit}, windows of {a.seqlen} tokens)")
     return 0

@@ -202,13 +202,7 @@ def prune_model_inplace(model, method: str, calib_ids: torch.Tensor | None = Non
     return pruned
 
 
-# ----------------------------------------------------------------------------- data, CLI entry points
-
-def _tokenize_file(tokenizer, path: str) -> torch.Tensor:
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
-    return torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
-
+# ----------------------------------------------------------------------------- calibration data, checkpoint
 
 def calibration_windows(ids: torch.Tensor, samples: int, seqlen: int, seed: int = 0) -> torch.Tensor:
     """`samples` random windows of `seqlen` tokens from a 1-D id tensor (seeded) -> [samples, seqlen]."""
@@ -236,6 +230,8 @@ def prune_model(model_dir: str, out_dir: str, method: str, calib_path: str | Non
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from kernels.perplexity import tokenize_file
+
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
     if method != "magnitude" and not calib_path:
@@ -246,7 +242,7 @@ def prune_model(model_dir: str, out_dir: str, method: str, calib_path: str | Non
     model.eval()
     calib = None
     if method != "magnitude":
-        calib = calibration_windows(_tokenize_file(tokenizer, calib_path), samples, seqlen, seed)
+        calib = calibration_windows(tokenize_file(tokenizer, calib_path), samples, seqlen, seed)
     pruned = prune_model_inplace(model, method, calib, progress=progress)
 
     params = dict(model.named_parameters())
@@ -274,43 +270,3 @@ def prune_model(model_dir: str, out_dir: str, method: str, calib_path: str | Non
         f.write("\n")
     return {**marker, "out_dir": out_dir, "linears": len(pruned),
             "pruned_weights": sum(pruned.values()) // 2, "seconds": round(time.time() - t0, 1)}
-
-
-@torch.no_grad()
-def eval_perplexity(model_dir: str, text_path: str, seqlen: int = 2048, max_tokens: int | None = None,
-                    stride: int | None = None, progress: bool = False) -> float:
-    """Perplexity of a HF causal LM (float32) on a text file.
-
-    The file is tokenized whole (optionally cut to max_tokens). Windows of seqlen start every
-    `stride` tokens (default: seqlen, i.e. non-overlapping); each window scores only the tokens
-    not scored by an earlier window. A window's first token has no context and is not scored, so
-    non-overlapping windows score seqlen - 1 tokens each (the convention of the SparseGPT/Wanda
-    evaluations); the last, shorter window is kept.
-    """
-    from tqdm.auto import tqdm
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    ids = _tokenize_file(tokenizer, text_path)
-    if max_tokens:
-        ids = ids[:max_tokens]
-    stride = stride or seqlen
-    if not 0 < stride <= seqlen:
-        raise ValueError("need 0 < stride <= seqlen")
-    n = ids.numel()
-    nll, count, scored_to = 0.0, 0, 1  # token 0 has no context
-    for begin in tqdm(range(0, max(n - 1, 1), stride), disable=not progress, desc="ppl"):
-        end = min(begin + seqlen, n)
-        if end - begin < 2:
-            break
-        window = ids[begin:end]
-        logits = model(window[None], use_cache=False).logits[0, :-1].float()
-        lo = max(scored_to, begin + 1)  # first position to score (needs one token of context)
-        first = lo - begin - 1  # its index in the targets window[1:]
-        nll += torch.nn.functional.cross_entropy(logits[first:], window[1:][first:], reduction="sum").item()
-        count += end - lo
-        scored_to = end
-        if end == n:
-            break
-    return float(torch.exp(torch.tensor(nll / count)))

@@ -19,6 +19,7 @@ import asyncio
 import json
 import sys
 from dataclasses import replace
+from pathlib import Path
 from typing import Iterable, Optional
 
 from .answers import answers_equal, final_answer, normalize
@@ -26,6 +27,8 @@ from .policy import ThoughtTrimmer, TrimConfig, estimate_tokens
 from .rule_verifier import RuleVerifier
 from .segment import SKY_T1
 
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_TRACES = "data/reasoning_traces/sample.jsonl"  # relative to the repository root
 SOLUTION_OPEN, SOLUTION_CLOSE = "<|begin_of_solution|>", "<|end_of_solution|>"
 BENCHMARK_ORDER = ("aime24", "amc23", "math500")
 
@@ -130,9 +133,10 @@ async def evaluate(items: Iterable[dict], config: TrimConfig) -> list[dict]:
     return [await replay(it, config) for it in items]
 
 
-def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="leanserve eval trim", description=__doc__.split("\n")[0])
-    p.add_argument("--traces", required=True, help="JSONL with response, gold_answer, benchmark, correct")
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--traces", default=DEFAULT_TRACES,
+                   help="JSONL with response, gold_answer, benchmark, correct (relative paths resolve against the "
+                        f"repository; default {DEFAULT_TRACES}, a sample of the Sky-T1 traces)")
     p.add_argument("--consistency", type=int, nargs="+", default=[1, 2, 3])
     p.add_argument(
         "--max-thoughts", type=int, default=TrimConfig.max_thoughts,
@@ -143,12 +147,15 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     p.add_argument("--min-thought-chars", type=int, default=TrimConfig.min_thought_chars)
     p.add_argument("--limit", type=int, default=None, help="only the first N traces")
     p.add_argument("--json", dest="json_out", default=None, help="write summaries and per-trace rows here")
-    return p.parse_args(argv)
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-    args = parse_args(argv)
-    items = load_traces(args.traces, args.limit)
+def main(args: argparse.Namespace) -> int:
+    traces = next((c for c in (Path(args.traces), REPO_ROOT / args.traces) if c.is_file()), None)
+    if traces is None:
+        print(f"leanserve: traces file {args.traces} not found (also tried {REPO_ROOT / args.traces})",
+              file=sys.stderr)
+        return 1
+    items = load_traces(str(traces), args.limit)
     base = TrimConfig(
         max_thoughts=args.max_thoughts or None,
         thinking_budget=args.thinking_budget or None,
@@ -161,7 +168,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         rows = asyncio.run(evaluate(items, replace(base, consistency=k)))
         results[k], per_trace[k] = by_benchmark(rows), rows
     print(
-        f"Thought trimming, rule verifier, {len(items)} traces from {args.traces}; "
+        f"Thought trimming, rule verifier, {len(items)} traces from {traces}; "
         f"max_thoughts={base.max_thoughts}, thinking_budget={base.thinking_budget}, "
         f"max_repeats={base.max_repeats}, "
         f"min_thought_chars={base.min_thought_chars}; tokens estimated as chars/4.\n"
@@ -176,4 +183,6 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    _p = argparse.ArgumentParser(prog="python -m server.trimming.offline_eval", description=__doc__.split("\n")[0])
+    add_arguments(_p)
+    sys.exit(main(_p.parse_args()))

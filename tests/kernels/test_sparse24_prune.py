@@ -4,6 +4,7 @@ import os
 import pytest
 import torch
 
+from kernels.perplexity import eval_perplexity
 from kernels.sparse24 import prune as P
 from kernels.sparse24.format import count_24_violations
 
@@ -168,8 +169,8 @@ def test_prune_model_writes_checkpoint_and_eval(tmp_path):
     assert len(layer_w) == 14 and all(exactly_half_per_group(sd[k]) for k in layer_w)
     assert os.path.exists(os.path.join(out, "tokenizer.json"))
 
-    dense_ppl = P.eval_perplexity(src, text, seqlen=64)
-    sparse_ppl = P.eval_perplexity(out, text, seqlen=64, max_tokens=500, stride=32)
+    dense_ppl = eval_perplexity(src, text, seqlen=64)
+    sparse_ppl = eval_perplexity(out, text, seqlen=64, max_tokens=500, stride=32)
     assert 1.0 < dense_ppl < 1000 and 1.0 < sparse_ppl < 1000
 
     # magnitude needs no calibration file
@@ -184,7 +185,7 @@ def test_eval_perplexity_matches_model_loss(tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     src = str(tmp_path / "dense")
     text = write_tiny_checkpoint(src)
-    ppl = P.eval_perplexity(src, text, seqlen=256, max_tokens=200)  # one window: exact LM loss
+    ppl = eval_perplexity(src, text, seqlen=256, max_tokens=200)  # one window: exact LM loss
     model = AutoModelForCausalLM.from_pretrained(src).eval()
     with open(text) as f:
         ids = AutoTokenizer.from_pretrained(src)(f.read(), add_special_tokens=False)["input_ids"][:200]

@@ -2,6 +2,7 @@ import json
 
 import pytest
 
+from server import cli
 from server.trimming import offline_eval
 
 B, E = "<|begin_of_thought|>", "<|end_of_thought|>"
@@ -41,7 +42,7 @@ ROWS = [
 
 def test_main_prints_table_and_writes_json(tmp_path, capsys):
     out = tmp_path / "out.json"
-    rc = offline_eval.main(["--traces", write(tmp_path, ROWS), "--consistency", "1", "2", "--json", str(out)])
+    rc = cli.main(["eval", "trim", "--traces", write(tmp_path, ROWS), "--consistency", "1", "2", "--json", str(out)])
     assert rc == 0
     table = capsys.readouterr().out
     assert "| consistency | benchmark |" in table
@@ -85,7 +86,7 @@ def test_main_prints_table_and_writes_json(tmp_path, capsys):
 
 def test_limit_and_max_thoughts(tmp_path, capsys):
     path = write(tmp_path, ROWS)
-    offline_eval.main(["--traces", path, "--limit", "1", "--consistency", "3", "--max-thoughts", "2"])
+    cli.main(["eval", "trim", "--traces", path, "--limit", "1", "--consistency", "3", "--max-thoughts", "2"])
     table = capsys.readouterr().out
     assert "| 3 | aime24 | 1 |" in table and "amc23" not in table
     rows = offline_eval.asyncio.run(
