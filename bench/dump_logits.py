@@ -15,7 +15,7 @@ import torch
 
 from kernels.model_prep import default_model_dir
 
-DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "gsm8k" / "test500.jsonl"
+DATA = Path(__file__).resolve().parent.parent / "data" / "gsm8k" / "test500.jsonl"
 
 
 def main(argv=None) -> int:

@@ -2,7 +2,7 @@
 
   python -m bench.top_h_quality [--prompts 100] [--max-tokens 64] [--out bench-results/top_h_quality.json]
 
-For GSM8K questions (../shared/data/gsm8k/test500.jsonl, first N) at T = 1.0, 1.5, 2.0, each sampler
+For GSM8K questions (data/gsm8k/test500.jsonl, first N) at T = 1.0, 1.5, 2.0, each sampler
 generates one seeded continuation per question on a real vLLM engine. Per continuation:
 * mean log-likelihood per token under the model at T = 1 (vLLM returns raw logprobs of the sampled
   tokens: before temperature and truncation);
@@ -23,7 +23,7 @@ import httpx
 
 from bench.engine import MODEL, default_engine
 
-DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "gsm8k" / "test500.jsonl"
+DATA = Path(__file__).resolve().parent.parent / "data" / "gsm8k" / "test500.jsonl"
 SAMPLERS = {"top-h 0.4": {"top_h": 0.4}, "min-p 0.1": {"min_p": 0.1}, "top-p 0.9": {"top_p": 0.9},
             "none (plain sampling)": {}}  # the untruncated distribution, for scale
 TEMPS = (1.0, 1.5, 2.0)

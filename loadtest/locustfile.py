@@ -35,7 +35,7 @@ from locust import HttpUser, constant, events, task
 
 log = logging.getLogger("leanserve.loadtest")
 
-GSM8K = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "gsm8k" / "test500.jsonl"
+GSM8K = Path(__file__).resolve().parent.parent / "data" / "gsm8k" / "test500.jsonl"
 PATHS = {"chat": "/v1/chat/completions", "completions": "/v1/completions"}
 WORDS = ("the quick brown fox jumps over a lazy dog while seven wizards quietly box jolly "
          "numbers rivers mountains engines tokens stream latency memory cache request answer").split()
@@ -82,7 +82,7 @@ def _add_arguments(parser):
                    help="chat (/v1/chat/completions) or completions (/v1/completions)")
     g.add_argument("--model", default="", env_var="LOADTEST_MODEL", help="model name (default: first of /v1/models)")
     g.add_argument("--prompts", choices=["gsm8k", "synthetic"], default="gsm8k", env_var="LOADTEST_PROMPTS",
-                   help="questions from ../shared/data/gsm8k/test500.jsonl, or random words")
+                   help="questions from data/gsm8k/test500.jsonl, or random words")
     g.add_argument("--prompts-file", default="", env_var="LOADTEST_PROMPTS_FILE",
                    help="JSONL with a 'question' field per line (default: the gsm8k test500 file)")
     g.add_argument("--prompt-words", default="64-256", env_var="LOADTEST_PROMPT_WORDS",

@@ -1,6 +1,6 @@
 import json
-import os
 import random
+from pathlib import Path
 
 import pytest
 
@@ -124,14 +124,14 @@ def test_implicit_open_waits_for_a_possible_tag_prefix():
         assert chunked == whole
 
 
-DATA = "/work/shared/data/reasoning_traces/dev.jsonl"
+DATA = Path(__file__).resolve().parents[3] / "data" / "reasoning_traces" / "sample.jsonl"
 
 
-@pytest.mark.skipif(not os.path.exists(DATA), reason="shared traces not present")
 def test_real_traces_chunking_invariance():
     rng = random.Random(7)
     with open(DATA, encoding="utf-8") as f:
-        items = [json.loads(line) for _, line in zip(range(60), f)][::12]
+        items = [json.loads(line) for line in f][::6]  # 10 of the 60, every benchmark
+    assert {it["benchmark"] for it in items} == {"aime24", "amc23", "math500"}
     for it in items:
         text = it["response"][:20000]
         whole, _ = segment(text, delimiters=SKY_T1)
