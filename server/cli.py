@@ -34,6 +34,9 @@ COMMANDS = {
     "prune": Subcommand(
         "prune a HF Llama-style checkpoint to 2:4 sparsity (serve it with --quantization leanserve-2of4)",
         "kernels.sparse24.cli:add_arguments", "kernels.sparse24.cli:main"),
+    "train-gates": Subcommand(
+        "train TRIM-KV retention gates for a frozen HF model (for --kv-budget serving and `eval kv`)",
+        "kernels.retention.cli:add_train_arguments", "kernels.retention.cli:train_main"),
 }
 EVALUATIONS = {
     "trim": Subcommand(
@@ -42,6 +45,9 @@ EVALUATIONS = {
     "ppl": Subcommand(
         "perplexity of a HF causal LM on a text file (HF transformers, float32)",
         "kernels.perplexity:add_arguments", "kernels.perplexity:main"),
+    "kv": Subcommand(
+        "bounded KV cache vs full attention: perplexity and KL per eviction policy and budget",
+        "kernels.retention.cli:add_eval_arguments", "kernels.retention.cli:eval_main"),
 }
 
 # Repeatable flags whose names differ from the settings field.
