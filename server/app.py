@@ -1,6 +1,7 @@
 """The FastAPI application: routes, error rendering, lifecycle of the engine pool."""
 from __future__ import annotations
 
+import asyncio
 import contextlib
 
 import aiohttp
@@ -46,7 +47,7 @@ def create_app(settings: Settings, metrics: Metrics | None = None, resolver: Res
             await pool.probe_all()  # routable from the first request when engines are already up
             if discovery:
                 await discovery.refresh()  # probes what it finds
-                discovery.start()
+            rounds = [asyncio.get_running_loop().create_task(discovery.run())] if discovery else []
             pool.start()
             admission = Admission(settings.max_concurrency, settings.max_queue, settings.queue_timeout,
                                   settings.retry_after, metrics)
@@ -54,8 +55,9 @@ def create_app(settings: Settings, metrics: Metrics | None = None, resolver: Res
             try:
                 yield
             finally:
-                if discovery:
-                    await discovery.stop()
+                for t in rounds:
+                    t.cancel()
+                await asyncio.gather(*rounds, return_exceptions=True)
                 await pool.stop()
 
     app = FastAPI(title="leanserve", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None)

@@ -53,7 +53,6 @@ class DNSDiscovery:
         self._interval = interval
         self._resolve = resolver
         self._answers: dict[tuple[str, int], set[str]] = {}  # last answer per target, as engine URLs
-        self._task: asyncio.Task | None = None
 
     async def _lookup(self, host: str, port: int) -> set[str] | None:
         """The target's engine URLs now, or None when the resolver could not answer."""
@@ -87,18 +86,11 @@ class DNSDiscovery:
             if r.url not in wanted and r.url not in static:
                 self._pool.drain(r.url)
 
-    async def _loop(self) -> None:
+    async def run(self) -> None:
+        """Refresh every interval until cancelled (the first refresh is the caller's, before serving)."""
         while True:
             await asyncio.sleep(self._interval)
             try:
                 await self.refresh()
             except Exception:  # a bug here must not stop discovery for the life of the gateway
                 log.exception("engine discovery round failed")
-
-    def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._loop())
-
-    async def stop(self) -> None:
-        if self._task:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
