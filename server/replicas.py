@@ -106,7 +106,7 @@ class ReplicaPool:
 
     def add(self, url: str) -> Replica | None:
         """Make `url` a member (not routable until a probe passes); a draining one comes back as it is.
-        Returns the replica when it was not routable-eligible before, None when already a member."""
+        Returns the replica when it is new or came back from draining (probe it), None when already a member."""
         r = self.find(url)
         if r is not None and not r.draining:
             return None
