@@ -1,6 +1,7 @@
 # Deploy and load-test targets; included from the Makefile (uses its $(PY), $(VENV) and `model`).
 #   make system-deps   Debian packages the deploy tests need: docker-compose (validates
-#                      deploy/docker-compose.yml) and prometheus (promtool + a real server)
+#                      deploy/docker-compose.yml), prometheus (promtool + a real server) and
+#                      kubectl (renders deploy/k8s with `kubectl kustomize`)
 #   make loadtest      bounded headless locust run against the embedded default on loopback;
 #                      report in $(LOADTEST_OUT)/report.{md,csv,png}
 .PHONY: system-deps loadtest
@@ -12,6 +13,10 @@ system-deps:
 	@command -v docker-compose >/dev/null || ($(SUDO) apt-get update -q && $(APT_INSTALL) docker-compose)
 	@(command -v promtool >/dev/null && command -v prometheus >/dev/null) || \
 	  ($(SUDO) apt-get update -q && $(APT_INSTALL) prometheus)
+	@# kubectl is in the development image (package "kubectl"); Debian's own kubernetes-client is too old
+	@# for kustomize components, so where no apt source offers "kubectl" this stops with the reason.
+	@command -v kubectl >/dev/null || ($(SUDO) apt-get update -q && $(APT_INSTALL) kubectl) || \
+	  (echo "system-deps: install kubectl >= 1.27 (the Kubernetes apt repository's package kubectl)" >&2; exit 1)
 
 LOADTEST_USERS      ?= 8
 LOADTEST_SPAWN_RATE ?= 2

@@ -1,6 +1,7 @@
 """The FastAPI application: routes, error rendering, lifecycle of the engine pool."""
 from __future__ import annotations
 
+import asyncio
 import contextlib
 
 import aiohttp
@@ -14,6 +15,7 @@ from . import __version__
 from .admission import Admission
 from .auth import APIKeyAuth
 from .config import Settings
+from .discovery import DNSDiscovery, Resolver, getaddrinfo_resolver
 from .errors import APIError, error_body
 from .metrics import Metrics
 from .relay import Gateway, RelayRoutes
@@ -25,7 +27,8 @@ def _error(status: int, message: str, headers: dict | None = None, **kw) -> JSON
     return JSONResponse(error_body(status, message, **kw), status_code=status, headers=headers)
 
 
-def create_app(settings: Settings, metrics: Metrics | None = None) -> FastAPI:
+def create_app(settings: Settings, metrics: Metrics | None = None, resolver: Resolver | None = None) -> FastAPI:
+    """`resolver` replaces the system resolver for engine_dns names (tests map names to loopback addresses)."""
     metrics = metrics or Metrics()
     state: dict[str, Gateway] = {}
 
@@ -36,8 +39,15 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> FastAPI:
                                         sock_read=settings.upstream_timeout)
         connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300)
         async with aiohttp.ClientSession(timeout=timeout, connector=connector, auto_decompress=False) as client:
-            pool = ReplicaPool(settings.engines, client, metrics, settings.health_interval)
+            pool = ReplicaPool(settings.engines, client, metrics, settings.health_interval,
+                               discovered=bool(settings.engine_dns))
+            discovery = (DNSDiscovery(settings.engine_dns, pool, settings.health_interval,
+                                      resolver or getaddrinfo_resolver)
+                         if settings.engine_dns else None)
             await pool.probe_all()  # routable from the first request when engines are already up
+            if discovery:
+                await discovery.refresh()  # probes what it finds
+            rounds = [asyncio.get_running_loop().create_task(discovery.run())] if discovery else []
             pool.start()
             admission = Admission(settings.max_concurrency, settings.max_queue, settings.queue_timeout,
                                   settings.retry_after, metrics)
@@ -45,6 +55,9 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> FastAPI:
             try:
                 yield
             finally:
+                for t in rounds:
+                    t.cancel()
+                await asyncio.gather(*rounds, return_exceptions=True)
                 await pool.stop()
 
     app = FastAPI(title="leanserve", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None)
@@ -78,7 +91,8 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> FastAPI:
     @app.get("/ready")
     async def ready():
         pool = state["gw"].pool
-        engines = [{"url": r.url, "healthy": r.healthy, "in_flight": r.in_flight} for r in pool.replicas]
+        engines = [{"url": r.url, "healthy": r.healthy, "in_flight": r.in_flight, "draining": r.draining}
+                   for r in pool.replicas + pool.draining]
         if not pool.any_healthy():
             body = error_body(503, "no healthy engine", code="engine_unavailable")
             body["engines"] = engines

@@ -51,7 +51,7 @@ EVALUATIONS = {
 }
 
 # Repeatable flags whose names differ from the settings field.
-_LIST_FLAGS = {"engines": "--engine", "api_keys": "--api-key"}
+_LIST_FLAGS = {"engines": "--engine", "api_keys": "--api-key", "engine_dns": "--engine-dns"}
 
 
 def _add_settings_flags(p: argparse.ArgumentParser) -> None:

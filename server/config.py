@@ -14,7 +14,13 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=1, le=65535, description="port the gateway listens on")
     engines: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
-        description="engine base URLs (comma-separated in the env var); empty = start the embedded vLLM engine",
+        description="engine base URLs (comma-separated in the env var); empty, and no engine_dns = start the "
+                    "embedded vLLM engine",
+    )
+    engine_dns: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="NAME:PORT names (e.g. a Kubernetes headless Service) re-resolved every health interval; "
+                    "the engines at their addresses join and leave the pool (comma-separated in the env var)",
     )
     model: str = Field("", description="embedded engine: HF model directory (empty = the prepared default model)")
     served_model_name: str = Field("", description="embedded engine: name clients use (default: directory name)")
@@ -48,6 +54,20 @@ class Settings(BaseSettings):
     def _split_csv(cls, v):
         if isinstance(v, str):
             return [s.strip() for s in v.split(",") if s.strip()]
+        return v
+
+    @field_validator("engine_dns", mode="before")
+    @classmethod
+    def _split_each(cls, v):  # repeated flags may each hold a comma-separated list too
+        items = [v] if isinstance(v, str) else list(v)
+        return [s.strip() for item in items for s in str(item).split(",") if s.strip()]
+
+    @field_validator("engine_dns")
+    @classmethod
+    def _name_port(cls, v: list[str]) -> list[str]:
+        from .discovery import parse_target
+        for target in v:
+            parse_target(target)  # ValueError -> a validation error naming the bad entry
         return v
 
     @field_validator("engines")

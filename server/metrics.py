@@ -1,5 +1,6 @@
 """Prometheus metrics of the gateway. Labels stay bounded: model, endpoint, status, finish_reason,
-replica (from configuration), reason — never request or user ids."""
+replica (configured or discovered; a discovered engine's series go when it has drained), reason —
+never request or user ids."""
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram

@@ -1,4 +1,8 @@
-"""Engine replicas: background health probes, least-in-flight routing among healthy ones."""
+"""Engine replicas: background health probes, least-in-flight routing among healthy ones.
+
+The set can change at runtime (server/discovery.py): `add` admits a new engine once a probe passes;
+`drain` stops routing to one at once and forgets it when its last in-flight request ends, dropping its
+per-replica metric series so labels stay bounded under pod churn."""
 from __future__ import annotations
 
 import asyncio
@@ -19,16 +23,21 @@ class Replica:
     healthy: bool = False
     in_flight: int = 0
     models: list[dict] = field(default_factory=list)  # /v1/models "data" entries as the engine reports them
+    draining: bool = False  # removed from the pool: serves its in-flight requests, gets no new ones
+    gone: bool = False  # drained and forgotten: its metric series are removed and must not come back
 
     def serves(self, model: str) -> bool:
         return any(m.get("id") == model for m in self.models)
 
 
 class ReplicaPool:
-    def __init__(self, urls: list[str], client: aiohttp.ClientSession, metrics: Metrics, interval: float = 2.0):
-        if not urls:
+    def __init__(self, urls: list[str], client: aiohttp.ClientSession, metrics: Metrics, interval: float = 2.0,
+                 discovered: bool = False):
+        if not urls and not discovered:
             raise ValueError("at least one engine URL is needed")
-        self.replicas = [Replica(u) for u in urls]
+        self.replicas = [Replica(u) for u in urls]  # the routable set, in admission order
+        self.static_urls = frozenset(urls)  # configured ones: discovery never drains them
+        self.draining: list[Replica] = []
         self._gauges = {r: metrics.engine_in_flight.labels(r.url) for r in self.replicas}
         self._client = client
         self._metrics = metrics
@@ -55,6 +64,8 @@ class ReplicaPool:
         self.set_health(replica, ok)
 
     def set_health(self, replica: Replica, ok: bool) -> None:
+        if replica.gone:  # a probe or request that outlived the replica: keep its series removed
+            return
         replica.healthy = ok
         self._metrics.engine_healthy.labels(replica.url).set(1 if ok else 0)
         self._changed.set()
@@ -88,6 +99,51 @@ class ReplicaPool:
             except asyncio.TimeoutError:
                 return False
         return True
+
+    # ---- membership (discovery) ---------------------------------------------------------------
+    def find(self, url: str) -> Replica | None:
+        return next((r for r in self.replicas + self.draining if r.url == url), None)
+
+    def add(self, url: str) -> Replica | None:
+        """Make `url` a member (not routable until a probe passes); a draining one comes back as it is.
+        Returns the replica when it is new or came back from draining (probe it), None when already a member."""
+        r = self.find(url)
+        if r is not None and not r.draining:
+            return None
+        if r is None:
+            r = Replica(url)
+            self._gauges[r] = self._metrics.engine_in_flight.labels(url)
+            self._metrics.engine_healthy.labels(url).set(0)
+        else:
+            self.draining.remove(r)
+            r.draining = False
+            log.info("engine %s is back before it finished draining", url)
+        self.replicas.append(r)
+        self._changed.set()
+        return r
+
+    def drain(self, url: str) -> None:
+        """No new requests for `url`; it is forgotten once its in-flight requests have finished."""
+        r = self.find(url)
+        if r is None or r.draining:
+            return
+        self.replicas.remove(r)
+        r.draining = True
+        self.draining.append(r)
+        log.info("engine %s left the pool; draining %d in-flight request(s)", url, r.in_flight)
+        self._changed.set()
+        if r.in_flight == 0:
+            self._forget(r)
+
+    def _forget(self, r: Replica) -> None:
+        self.draining.remove(r)
+        r.gone, r.healthy = True, False
+        m = self._metrics
+        m.engine_in_flight.remove(r.url)
+        m.engine_healthy.remove(r.url)
+        m.upstream_errors.remove_by_labels({"replica": r.url})
+        del self._gauges[r]
+        log.info("engine %s drained", r.url)
 
     # ---- routing ------------------------------------------------------------------------------
     def any_healthy(self) -> bool:
@@ -127,3 +183,5 @@ class ReplicaPool:
     def release(self, r: Replica) -> None:
         r.in_flight -= 1
         self._gauges[r].set(r.in_flight)
+        if r.draining and r.in_flight == 0:
+            self._forget(r)

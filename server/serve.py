@@ -49,7 +49,7 @@ def _raise_interrupt(signum, frame):
 
 def serve(settings: Settings) -> int:
     engine: EngineProcess | None = None
-    if not settings.engines:
+    if not settings.engines and not settings.engine_dns:
         model_dir, name = resolve_model(settings)
         cpu = cpu_engine()
         engine = EngineProcess(
@@ -94,7 +94,8 @@ def serve(settings: Settings) -> int:
         finally:
             watcher.cancel()
 
-    log.info("gateway on http://%s:%d → %s", settings.host, settings.port, ", ".join(settings.engines))
+    log.info("gateway on http://%s:%d → %s", settings.host, settings.port,
+             ", ".join(settings.engines + [f"dns:{t}" for t in settings.engine_dns]))
     # uvicorn re-raises the signal it caught once it has shut down; ours turns SIGTERM into
     # KeyboardInterrupt too, so the engine below is always stopped rather than orphaned.
     signal.signal(signal.SIGTERM, _raise_interrupt)

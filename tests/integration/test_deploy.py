@@ -14,27 +14,22 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import re
 import shlex
-import shutil
 import subprocess
 import sys
 import time
-from pathlib import Path
 from urllib.parse import urlsplit
 
 import httpx
 import pytest
 import yaml
 
+from tests.support.compose import COMPOSE, DEPLOY, ROOT, compose_config, run, seconds, tool
 from tests.support.servers import free_port
 
 pytestmark = pytest.mark.integration
 
-ROOT = Path(__file__).resolve().parents[2]
-DEPLOY = ROOT / "deploy"
-COMPOSE = DEPLOY / "docker-compose.yml"
 PROM_CONFIG = DEPLOY / "prometheus" / "prometheus.yml"
 DASHBOARD = DEPLOY / "grafana" / "dashboards" / "leanserve.json"
 DATASOURCES = DEPLOY / "grafana" / "provisioning" / "datasources" / "prometheus.yml"
@@ -42,34 +37,7 @@ PROVIDERS = DEPLOY / "grafana" / "provisioning" / "dashboards" / "leanserve.yml"
 MODEL = "SmolLM2-135M-Instruct"
 
 
-
-def tool(name: str) -> str:
-    path = shutil.which(name)
-    if path is None:
-        pytest.fail(f"{name} is not installed: run `make system-deps` (Debian packages docker-compose, prometheus)")
-    return path
-
-
-def run(cmd: list[str], timeout: float = 120, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, **kw)
-
-
 # --- compose ------------------------------------------------------------------------------------------
-
-def compose_config(env_file: Path, file: Path = COMPOSE) -> dict:
-    # A clean environment: variables set in the caller's would override the env file.
-    env = {"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/root")}
-    p = run([tool("docker-compose"), "-f", str(file), "--env-file", str(env_file), "config"], cwd=DEPLOY, env=env)
-    assert p.returncode == 0, f"docker-compose config failed:\n{p.stderr}"
-    return yaml.safe_load(p.stdout)
-
-
-def seconds(duration: str) -> float:
-    units = {"h": 3600, "m": 60, "s": 1, "ms": 0.001}
-    parts = re.findall(r"(\d+(?:\.\d+)?)(ms|h|m|s)", duration)
-    assert parts and "".join(n + u for n, u in parts) == duration, duration
-    return sum(float(n) * units[u] for n, u in parts)
-
 
 @pytest.fixture(scope="module")
 def compose_defaults(tmp_path_factory):

@@ -8,17 +8,26 @@ import time
 import uvicorn
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def free_port(hosts: tuple[str, ...] = ("127.0.0.1",)) -> int:
+    """A port free on every one of these (loopback) addresses, like the one port of all pods behind a Service."""
+    while True:
+        with socket.socket() as s:
+            s.bind((hosts[0], 0))
+            port = s.getsockname()[1]
+            try:
+                for h in hosts[1:]:
+                    with socket.socket() as t:
+                        t.bind((h, port))
+            except OSError:
+                continue
+            return port
 
 
 class ThreadedServer:
-    def __init__(self, app, port: int | None = None, **kw):
-        self.port = port or free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", access_log=False,
+    def __init__(self, app, port: int | None = None, host: str = "127.0.0.1", **kw):
+        self.port = port or free_port((host,))
+        self.url = f"http://{host}:{self.port}"
+        config = uvicorn.Config(app, host=host, port=self.port, log_level="warning", access_log=False,
                                 lifespan="on", **kw)
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
