@@ -21,6 +21,7 @@ from .metrics import Metrics
 from .replicas import Replica, ReplicaPool
 from .schema import engine_body, parse_body
 from .sse import DONE, DONE_EVENT, FINISHED, TOKEN, USAGE, EventSplitter, classify, load_event
+from .trimming.policy import TrimConfig
 from .trimming.stream import TrimPlan, TrimService, plan_trim
 
 log = logging.getLogger("leanserve.relay")
@@ -86,11 +87,11 @@ class RelayRoutes:
             raw = await _read_body(scope, receive, self.limit)
             if raw is None:  # the client left while sending its body
                 return
-            body = parse_body(raw, endpoint)
+            body, trim = parse_body(raw, endpoint)
         except APIError as e:
             gw.metrics.requests.labels("unknown", endpoint, str(e.status)).inc()
             return await send_json(send, e.status, e.body(), e.headers)
-        await RelayResponse(gw, body, scope["path"], endpoint, arrival)(scope, receive, send)
+        await RelayResponse(gw, body, trim, scope["path"], endpoint, arrival)(scope, receive, send)
 
 
 async def _read_body(scope, receive, limit: int) -> bytes | None:
@@ -114,7 +115,7 @@ async def _read_body(scope, receive, limit: int) -> bytes | None:
 class RelayResponse:
     """ASGI app for one proxied request."""
 
-    def __init__(self, gw: Gateway, body: dict, path: str, endpoint: str, arrival: float):
+    def __init__(self, gw: Gateway, body: dict, trim: TrimConfig | None, path: str, endpoint: str, arrival: float):
         self.gw, self.body, self.path, self.endpoint, self.arrival = gw, body, path, endpoint, arrival
         self.model: str = body.get("model") or ""
         self.metric_model = "unknown"  # client-chosen names never become label values
@@ -124,8 +125,7 @@ class RelayResponse:
         self.status = 0  # final status for metrics; 499 = client went away
         self.started = False  # response headers sent to the client
         # Thought trimming (server/trimming/stream.py) serves this request instead of the plain relay.
-        self.trim: TrimPlan | None = (plan_trim(gw, body, endpoint)
-                                      if "trim" in body or (gw.trim is not None and gw.trim.default) else None)
+        self.trim: TrimPlan | None = plan_trim(gw, trim, body, endpoint)
 
     # ---- ASGI entry ---------------------------------------------------------------------------
     async def __call__(self, scope, receive, send) -> None:
