@@ -6,6 +6,12 @@ from tests.support.fake_upstream import FakeUpstream
 from tests.support.servers import ThreadedServer
 
 
+def pytest_collection_modifyitems(config, items):
+    """Modules that start vLLM engines of their own run last, after everything that shares the session's
+    engine (tests/integration/conftest.py), so that engine is started once and never runs beside theirs."""
+    items.sort(key=lambda item: item.get_closest_marker("own_engine") is not None)  # stable: order kept
+
+
 @pytest.fixture
 def serve_app():
     """serve_app(app) runs an ASGI app (a fake engine) on a loopback port, sets app.url, returns app."""

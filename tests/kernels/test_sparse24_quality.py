@@ -2,26 +2,20 @@
 dense < SparseGPT < Wanda < magnitude in perplexity (kernels/sparse24/quality.py, the benchmark's own
 code, with a small calibration budget: 16 windows x 128 tokens, perplexity on 512 held-out tokens).
 
-Run time (2026-12-02, 2 cores with another job on one of them): 81 s. One torch thread: with a
-core taken by another process, two OpenMP threads made these small ops 2-7x slower (measured)."""
+Run time (2026-12-02, 2 cores with another job on one of them): 81 s, on one torch thread (with a core
+taken by another process, two OpenMP threads made these small ops 2-7x slower, measured)."""
 import pytest
-import torch
 
 from kernels.model_prep import default_model_dir, verify
 from kernels.sparse24.quality import DEFAULT_TEXT, compare
+from tests.support.hf import one_thread
 
 
-@pytest.fixture
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def test_dense_lt_sparsegpt_lt_wanda_lt_magnitude(one_thread):
+def test_dense_lt_sparsegpt_lt_wanda_lt_magnitude():
     if not verify(default_model_dir()):
         pytest.fail("the default model is not prepared: run `leanserve prepare-model` (make test does)")
-    r = compare(default_model_dir(), DEFAULT_TEXT, samples=16, calib_seqlen=128, eval_tokens=512, eval_seqlen=512)
+    with one_thread():
+        r = compare(default_model_dir(), DEFAULT_TEXT, samples=16, calib_seqlen=128, eval_tokens=512,
+                    eval_seqlen=512)
     assert r["eval_tokens"] == 512
     assert r["dense"] < r["sparsegpt"] < r["wanda"] < r["magnitude"], r
