@@ -281,9 +281,9 @@ class TrimmedStream:
 
     # ---- first call ---------------------------------------------------------------------------
     async def _first(self, resp: aiohttp.ClientResponse) -> None:
-        from ..relay import CONNECT_ERRORS, _Retry
+        from ..relay import CONNECT_ERRORS, _Retry, upstream_failure
 
-        splitter = EventSplitter()
+        splitter, failure = EventSplitter(), None
         try:
             while True:
                 if self.cut_future.done() and not self.cut_considered:  # decided while the engine was quiet
@@ -320,9 +320,10 @@ class TrimmedStream:
                         self.sink.raw(ev)
                 await self.sink.flush()
         except (*CONNECT_ERRORS, asyncio.TimeoutError) as e:
-            self.gw.metrics.upstream_errors.labels(self.replica.url, "stream").inc()
+            kind, failure = upstream_failure(e, "stream")
+            self.gw.metrics.upstream_errors.labels(self.replica.url, kind).inc()
             if not self.rr.started:  # nothing reached the client yet (never, for stream=false): retry
-                raise _Retry(APIError(502, f"the engine connection broke: {type(e).__name__}", code="engine_error"))
+                raise _Retry(failure)
             log.warning("engine %s broke mid-stream: %r", self.replica.url, e)
         # the first call ended without a cut
         self._stop_trimmer()
@@ -335,7 +336,7 @@ class TrimmedStream:
             self.rr._account(self.usage1.get("usage"), [])
             self.sink.usage(self.usage1)
         if not self.saw_done:
-            self.sink.error(APIError(502, "the engine stream ended unexpectedly", code="engine_error"))
+            self.sink.error(failure or APIError(502, "the engine stream ended unexpectedly", code="engine_error"))
 
     async def _first_token(self, ev: bytes, now: float) -> None:
         data = load_event(ev)
