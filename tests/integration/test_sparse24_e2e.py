@@ -10,12 +10,11 @@ import collections
 import subprocess
 import sys
 
-import httpx
 import pytest
 
 from kernels.model_prep import default_model_dir, verify
 from server.supervisor import EngineError, EngineProcess, cpu_engine, engine_command, engine_env
-from tests.support.hf import first_difference, hf_greedy
+from tests.support.hf import engine_greedy_mismatches, hf_greedy
 from tests.support.servers import free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.own_engine]
@@ -133,15 +132,7 @@ def test_engine_used_the_2of4_method_on_its_cpu_path(engine):
 
 
 def test_greedy_tokens_equal_hf(engine, hf_reference, prompt_ids):
-    prompts, n = RUNS[engine.mode]
-    want = hf_reference[engine.mode]
-    mismatches = []
-    with httpx.Client(base_url=engine.url, timeout=600) as c:
-        for p, w in zip(prompts, want):  # one at a time: the batch shape stays that of a single request
-            r = c.post("/v1/completions", json={"model": NAME, "prompt": prompt_ids[p], "max_tokens": n,
-                                                "temperature": 0, "ignore_eos": True, "return_token_ids": True})
-            r.raise_for_status()
-            diff = first_difference(r.json()["choices"][0]["token_ids"], w)
-            if diff:
-                mismatches.append(f"{p!r}: {diff}")
+    prompts, _ = RUNS[engine.mode]
+    mismatches = engine_greedy_mismatches(engine.url, NAME, {p: prompt_ids[p] for p in prompts},
+                                          hf_reference[engine.mode])
     assert not mismatches, "\n".join(mismatches)

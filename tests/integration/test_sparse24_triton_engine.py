@@ -6,12 +6,11 @@ masked dense checkpoint in HF transformers."""
 import collections
 import shutil
 
-import httpx
 import pytest
 
 from kernels.model_prep import default_model_dir
 from server.supervisor import EngineProcess, cpu_engine, engine_command, engine_env
-from tests.support.hf import first_difference, hf_greedy
+from tests.support.hf import engine_greedy_mismatches, hf_greedy
 from tests.support.servers import free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.own_engine]
@@ -76,15 +75,6 @@ def test_vllm_runs_the_triton_kernel_and_matches_hf(triton_engine, tiny_pruned, 
     _, ids = tiny_pruned
     log = "\n".join(triton_engine.tail)
     assert "leanserve-2of4: 2:4 linear layers; compute path: packed weights, Triton 2:4 kernel" in log, log[-3000:]
-    want = hf_reference
-    mismatches = []
-    with httpx.Client(base_url=triton_engine.url, timeout=600) as c:
-        for p, w in zip(PROMPTS, want):
-            r = c.post("/v1/completions", json={"model": NAME, "prompt": ids[p], "max_tokens": N_TOKENS,
-                                                "temperature": 0, "ignore_eos": True, "return_token_ids": True})
-            r.raise_for_status()
-            diff = first_difference(r.json()["choices"][0]["token_ids"], w)
-            if diff:
-                mismatches.append(f"{p!r}: {diff}")
+    mismatches = engine_greedy_mismatches(triton_engine.url, NAME, {p: ids[p] for p in PROMPTS}, hf_reference)
     assert not mismatches, "\n".join(mismatches)
-    assert len({tuple(w) for w in want}) == len(PROMPTS)  # the prompts matter: not a constant output
+    assert len({tuple(w) for w in hf_reference}) == len(PROMPTS)  # the prompts matter: not a constant output

@@ -42,3 +42,21 @@ def first_difference(got: list[int], want: list[int]) -> str | None:
         return None
     i = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))
     return f"first difference at token {i}: engine {got[i:i + 5]} HF {want[i:i + 5]}"
+
+
+def engine_greedy_mismatches(engine_url: str, model: str, prompts: dict[str, list[int]],
+                             want: list[list[int]]) -> list[str]:
+    """Greedy completions of each prompt (label -> token ids) on a vLLM server, one request at a time (the
+    batch shape stays that of a single request), against `want`: one line per prompt that differs."""
+    import httpx
+
+    out = []
+    with httpx.Client(base_url=engine_url, timeout=600) as c:
+        for (label, ids), w in zip(prompts.items(), want):
+            r = c.post("/v1/completions", json={"model": model, "prompt": ids, "max_tokens": len(w),
+                                                "temperature": 0, "ignore_eos": True, "return_token_ids": True})
+            r.raise_for_status()
+            diff = first_difference(r.json()["choices"][0]["token_ids"], w)
+            if diff:
+                out.append(f"{label!r}: {diff}")
+    return out
