@@ -6,10 +6,16 @@ from tests.support.fake_upstream import FakeUpstream
 from tests.support.servers import ThreadedServer
 
 
+@pytest.hookimpl(trylast=True)  # after pytest's own grouping by fixture parameters
 def pytest_collection_modifyitems(config, items):
-    """Modules that start vLLM engines of their own run last, after everything that shares the session's
-    engine (tests/integration/conftest.py), so that engine is started once and never runs beside theirs."""
-    items.sort(key=lambda item: item.get_closest_marker("own_engine") is not None)  # stable: order kept
+    """One vLLM engine at a time (tests/integration/conftest.py): first the tests that share the session's
+    engine, then the modules that start engines of their own (which stop the shared one first), then
+    everything else, with no engine of ours running beside it. Stable: the order within a group is kept."""
+    def group(item):
+        if "served" in item.fixturenames:
+            return 0
+        return 1 if item.get_closest_marker("own_engine") is not None else 2
+    items.sort(key=group)
 
 
 @pytest.fixture
