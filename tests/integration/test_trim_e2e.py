@@ -35,7 +35,7 @@ def running(engine_url) -> float:
     return metric(engine_url, "vllm:num_requests_running")
 
 
-def wait_idle(engine_url, timeout=20.0) -> bool:
+def wait_idle(engine_url, timeout=180.0) -> bool:  # a bound on waiting (steps are slow on shared cores)
     return wait_for(lambda: running(engine_url) == 0, timeout, interval=0.2)
 
 
@@ -142,7 +142,7 @@ OVER_MESSAGES = [{"role": "system", "content": OVER_SYSTEM},
 
 def test_overthinking_cut_end_to_end(served):
     assert wait_idle(served.engine_url)
-    body = {**BODY, "messages": OVER_MESSAGES, "max_tokens": 200, "ignore_eos": True,
+    body = {**BODY, "messages": OVER_MESSAGES, "max_tokens": 80, "ignore_eos": True,
             "stream_options": {"include_usage": True}, "trim": {"consistency": 2, "verifier": "rule"}}
     with httpx.stream("POST", served.url + "/v1/chat/completions", json=body, timeout=180) as r:
         assert r.status_code == 200
@@ -159,7 +159,7 @@ def test_overthinking_cut_end_to_end(served):
     assert "Wait" not in thinking  # the third thought, which the cut removed, never reached the client
     answer = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks[marks[0] + 1:] if c["choices"])
     assert answer.strip()
-    # the first call was aborted well before its 200 tokens; the usage covers both calls
-    assert trim["thinking_tokens"] < 100 and trim["thinking_tokens_saved_estimate"] > 0
-    assert chunks[-1]["usage"]["completion_tokens"] <= 200
+    # the first call was aborted before its 80 tokens; the usage covers both calls
+    assert trim["thinking_tokens"] < 60 and trim["thinking_tokens_saved_estimate"] > 0
+    assert chunks[-1]["usage"]["completion_tokens"] <= 80
     assert wait_idle(served.engine_url)
