@@ -77,7 +77,7 @@ def main(argv=None) -> int:
         a.pruned = str(Path(tmp.name) / "smollm2-magnitude")
         print(f"pruning the default model (magnitude) into {a.pruned}", flush=True)
         prune_model(str(dense_dir), a.pruned, "magnitude", progress=False)
-    from kernels.sparse24.cli import check_pruned
+    from kernels.sparse24.checkpoint import check_pruned
 
     sizes = check_pruned(a.pruned)
     if sizes["bad_groups"] or not sizes["tensors"]:

@@ -16,11 +16,12 @@ from typing import Any
 import aiohttp
 
 from .admission import Admission
-from .errors import APIError, error_body, normalize_upstream_error
+from .errors import APIError, normalize_upstream_error
 from .metrics import Metrics
 from .replicas import Replica, ReplicaPool
 from .schema import engine_body, parse_body
 from .sse import DONE, DONE_EVENT, FINISHED, TOKEN, USAGE, EventSplitter, classify, load_event
+from .trimming.policy import TrimConfig
 from .trimming.stream import TrimPlan, TrimService, plan_trim
 
 log = logging.getLogger("leanserve.relay")
@@ -37,6 +38,17 @@ CONNECT_ERRORS = (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError)
 
 class _Retry(Exception):
     """The engine failed before anything reached the client: try another replica."""
+
+
+def upstream_failure(e: BaseException, kind: str) -> tuple[str, APIError]:
+    """(metric kind, error for the client) of a failure while talking to an engine; kind: "connect", "read"
+    or "stream". A read timeout is a timeout whatever else it is (aiohttp's ServerTimeoutError is also a
+    connection error): 504, and the engine is not marked down for being slow."""
+    if isinstance(e, asyncio.TimeoutError):
+        return "timeout", APIError(504, "the engine sent nothing within the upstream timeout", code="engine_timeout")
+    if kind == "connect":
+        return kind, APIError(503, f"engine unreachable: {type(e).__name__}", code="engine_unavailable")
+    return kind, APIError(502, f"the engine connection broke: {type(e).__name__}", code="engine_error")
 
 
 @dataclass
@@ -86,11 +98,11 @@ class RelayRoutes:
             raw = await _read_body(scope, receive, self.limit)
             if raw is None:  # the client left while sending its body
                 return
-            body = parse_body(raw, endpoint)
+            body, trim = parse_body(raw, endpoint)
         except APIError as e:
             gw.metrics.requests.labels("unknown", endpoint, str(e.status)).inc()
             return await send_json(send, e.status, e.body(), e.headers)
-        await RelayResponse(gw, body, scope["path"], endpoint, arrival)(scope, receive, send)
+        await RelayResponse(gw, body, trim, scope["path"], endpoint, arrival)(scope, receive, send)
 
 
 async def _read_body(scope, receive, limit: int) -> bytes | None:
@@ -114,7 +126,7 @@ async def _read_body(scope, receive, limit: int) -> bytes | None:
 class RelayResponse:
     """ASGI app for one proxied request."""
 
-    def __init__(self, gw: Gateway, body: dict, path: str, endpoint: str, arrival: float):
+    def __init__(self, gw: Gateway, body: dict, trim: TrimConfig | None, path: str, endpoint: str, arrival: float):
         self.gw, self.body, self.path, self.endpoint, self.arrival = gw, body, path, endpoint, arrival
         self.model: str = body.get("model") or ""
         self.metric_model = "unknown"  # client-chosen names never become label values
@@ -124,8 +136,7 @@ class RelayResponse:
         self.status = 0  # final status for metrics; 499 = client went away
         self.started = False  # response headers sent to the client
         # Thought trimming (server/trimming/stream.py) serves this request instead of the plain relay.
-        self.trim: TrimPlan | None = (plan_trim(gw, body, endpoint)
-                                      if "trim" in body or (gw.trim is not None and gw.trim.default) else None)
+        self.trim: TrimPlan | None = plan_trim(gw, trim, body, endpoint)
 
     # ---- ASGI entry ---------------------------------------------------------------------------
     async def __call__(self, scope, receive, send) -> None:
@@ -216,13 +227,12 @@ class RelayResponse:
         try:
             resp = await gw.client.post(replica.url + self.path, data=payload,
                                         headers={"content-type": "application/json"})
-        except CONNECT_ERRORS as e:
-            gw.metrics.upstream_errors.labels(replica.url, "connect").inc()
-            gw.pool.set_health(replica, False)
-            raise _Retry(APIError(503, f"engine unreachable: {type(e).__name__}", code="engine_unavailable"))
-        except asyncio.TimeoutError:
-            gw.metrics.upstream_errors.labels(replica.url, "timeout").inc()
-            raise _Retry(APIError(504, "the engine did not answer in time", code="engine_timeout"))
+        except (*CONNECT_ERRORS, asyncio.TimeoutError) as e:
+            kind, err = upstream_failure(e, "connect")
+            gw.metrics.upstream_errors.labels(replica.url, kind).inc()
+            if kind == "connect":
+                gw.pool.set_health(replica, False)
+            raise _Retry(err)
         try:
             if resp.status != 200:
                 raw = await resp.read()
@@ -246,8 +256,9 @@ class RelayResponse:
         try:
             raw = await resp.read()
         except (*CONNECT_ERRORS, asyncio.TimeoutError) as e:
-            self.gw.metrics.upstream_errors.labels(replica.url, "read").inc()
-            raise _Retry(APIError(502, f"the engine connection broke: {type(e).__name__}", code="engine_error"))
+            kind, err = upstream_failure(e, "read")
+            self.gw.metrics.upstream_errors.labels(replica.url, kind).inc()
+            raise _Retry(err)
         try:
             data = json.loads(raw)
             self._account(data.get("usage"), data.get("choices") or [])
@@ -272,7 +283,7 @@ class RelayResponse:
         ttft, itl = b.ttft, b.itl
         last_token_at = 0.0
         splitter = EventSplitter()
-        saw_done = False
+        saw_done, failure = False, None
         try:
             async for chunk in resp.content.iter_any():
                 events = splitter.feed(chunk)
@@ -304,16 +315,17 @@ class RelayResponse:
                     await send({"type": "http.response.body", "body": b"\n\n".join(out) + b"\n\n",
                                 "more_body": True})
         except (*CONNECT_ERRORS, asyncio.TimeoutError) as e:
-            m.upstream_errors.labels(replica.url, "stream").inc()
+            kind, failure = upstream_failure(e, "stream")
+            m.upstream_errors.labels(replica.url, kind).inc()
             if not self.started:
-                raise _Retry(APIError(502, f"the engine connection broke: {type(e).__name__}", code="engine_error"))
+                raise _Retry(failure)
             log.warning("engine %s broke mid-stream: %r", replica.url, e)
         if not self.started:
             await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
         tail = b""
         if not saw_done:  # the engine stopped without finishing: tell the client in-band, then end cleanly
-            err = error_body(502, "the engine stream ended unexpectedly", code="engine_error")
-            tail = b"data: " + json.dumps(err).encode() + b"\n\n" + DONE + b"\n\n"
+            err = failure or APIError(502, "the engine stream ended unexpectedly", code="engine_error")
+            tail = b"data: " + json.dumps(err.body()).encode() + b"\n\n" + DONE + b"\n\n"
         await send({"type": "http.response.body", "body": tail, "more_body": False})
 
 

@@ -4,11 +4,12 @@ other field passes through to vLLM untouched (extra="allow")."""
 from __future__ import annotations
 
 import json
-from typing import Any, Literal, Union
+from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError
 
 from .errors import APIError
+from .trimming.policy import TrimConfig, TrimConfigError
 
 Number = Union[StrictInt, StrictFloat]
 
@@ -32,17 +33,6 @@ class _Body(BaseModel):
     top_h: Number | None = Field(None, gt=0, le=1)
     trim: StrictBool | dict[str, Any] | None = None
     vllm_xargs: dict[str, Any] | None = None
-
-
-class TrimOptions(BaseModel):
-    """The `trim` knob (thought trimming, server/trimming/stream.py); `trim: true` means these defaults."""
-    model_config = ConfigDict(extra="forbid")
-
-    enabled: StrictBool = True
-    consistency: StrictInt = Field(2, ge=1, le=10)
-    max_thoughts: StrictInt = Field(100, ge=1)
-    thinking_budget: StrictInt | None = Field(None, ge=1)
-    verifier: Literal["rule", "model"] = "rule"
 
 
 class _Message(BaseModel):
@@ -87,8 +77,9 @@ def engine_body(body: dict[str, Any]) -> dict[str, Any]:
     return body
 
 
-def parse_body(raw: bytes, endpoint: Endpoint) -> dict[str, Any]:
-    """Returns the body as a dict (original values, not re-serialised), or raises a 400 APIError."""
+def parse_body(raw: bytes, endpoint: Endpoint) -> tuple[dict[str, Any], Optional[TrimConfig]]:
+    """(the body as a dict, original values, not re-serialised; the request's own trimming settings, None
+    when it sets none), or a 400 APIError. An explicit `trim` is validated here, once."""
     try:
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as e:
@@ -102,30 +93,23 @@ def parse_body(raw: bytes, endpoint: Endpoint) -> dict[str, Any]:
         # Union members appear in `loc` as type tags ("str", "list[int]"): not part of the field path.
         param = ".".join(str(p) for p in err["loc"] if not _is_type_tag(p))
         raise APIError(400, f"Invalid value for '{param}': {err['msg']}", param=param, code="invalid_value")
-    if body.get("trim") not in (None, False):
-        _check_trim(body, endpoint)
-    return body
+    return body, _trim_config(body, endpoint)
 
 
-def _check_trim(body: dict[str, Any], endpoint: Endpoint) -> None:
-    """An explicit `trim` must be valid and applicable (the server default silently skips where it is not).
-    It is replaced by its TrimOptions, or by False when it says enabled: false, so the relay need not
-    validate it again."""
-    trim = body["trim"]
-    opts = TrimOptions()
-    if isinstance(trim, dict):
-        try:
-            opts = TrimOptions.model_validate(trim)
-        except ValidationError as e:
-            err = e.errors()[0]
-            param = ".".join(["trim", *(str(p) for p in err["loc"])])
-            raise APIError(400, f"Invalid value for '{param}': {err['msg']}", param=param, code="invalid_value")
-        if not opts.enabled:
-            body["trim"] = False
-            return
+def _trim_config(body: dict[str, Any], endpoint: Endpoint) -> Optional[TrimConfig]:
+    """An explicit `trim` must be valid and applicable (the server default silently skips where it is not)."""
+    if body.get("trim") is None:
+        return None
+    try:
+        config = TrimConfig.from_request(body["trim"])
+    except TrimConfigError as e:
+        param = ".".join(["trim", e.field]) if e.field else "trim"
+        raise APIError(400, f"Invalid value for '{param}': {e.message}", param=param, code="invalid_value")
+    if not config.enabled:
+        return config
     if endpoint != "chat":
         raise APIError(400, "thought trimming ('trim') is available on /v1/chat/completions only", param="trim",
                        code="unsupported_parameter")
     if (body.get("n") or 1) != 1:
         raise APIError(400, "thought trimming ('trim') needs n=1", param="trim", code="unsupported_parameter")
-    body["trim"] = opts
+    return config

@@ -3,17 +3,15 @@ checkpoint. server/cli.py names this module and imports it only when the command
 transformers live in the engine extra)."""
 from __future__ import annotations
 
-import re
 import sys
 from pathlib import Path
 
 import transformers  # noqa: F401  (imported here so a missing engine extra fails before any work)
-from safetensors import safe_open
 
 from kernels import model_prep
 
 from . import prune
-from .format import compressed_nbytes, count_24_violations
+from .checkpoint import check_pruned
 
 
 def _check_model_dir(path: str) -> str | None:
@@ -22,40 +20,6 @@ def _check_model_dir(path: str) -> str | None:
     except model_prep.PrepareError as e:
         return str(e)
     return None
-
-
-def check_pruned(out_dir: str) -> dict:
-    """Read a 2:4 checkpoint back: 2:4 violations, zeros, and dense vs packed (values + meta) bytes of
-    every 2-D decoder-block weight, in the checkpoint's dtype and, for comparison, in bfloat16."""
-    import torch
-
-    block = re.compile(r"(^|\.)layers\.\d+\..*\.weight$")
-    res = {"tensors": 0, "bad_groups": 0, "weights": 0, "zeros": 0, "bad": [], "dtype": None,
-           "dense_bytes": 0, "packed_bytes": 0, "dense_bytes_bf16": 0, "packed_bytes_bf16": 0}
-    for f in sorted(Path(out_dir).glob("*.safetensors")):
-        with safe_open(str(f), framework="pt") as st:
-            for name in st.keys():
-                if not block.search(name):
-                    continue
-                w = st.get_tensor(name)
-                if w.dim() != 2:
-                    continue  # norms
-                n, k = w.shape
-                bad = count_24_violations(w)
-                res["tensors"] += 1
-                res["bad_groups"] += bad
-                res["weights"] += w.numel()
-                res["zeros"] += int((w == 0).sum())
-                res["dtype"] = str(w.dtype).removeprefix("torch.")
-                res["dense_bytes"] += w.numel() * w.element_size()
-                res["packed_bytes"] += compressed_nbytes(n, k, w.dtype)
-                res["dense_bytes_bf16"] += w.numel() * 2
-                res["packed_bytes_bf16"] += compressed_nbytes(n, k, torch.bfloat16)
-                if bad:
-                    res["bad"].append(name)
-    res["ratio"] = res["packed_bytes"] / max(res["dense_bytes"], 1)
-    res["ratio_bf16"] = res["packed_bytes_bf16"] / max(res["dense_bytes_bf16"], 1)
-    return res
 
 
 def add_arguments(p) -> None:

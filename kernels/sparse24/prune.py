@@ -1,7 +1,7 @@
 """Offline 2:4 pruning of Llama-style HF checkpoints: magnitude, Wanda, SparseGPT.
 
-Every nn.Linear inside the decoder blocks (model.model.layers[*]) is pruned to 2:4
-along its input dimension (each group of 4 consecutive input columns of each output
+Every nn.Linear inside the decoder blocks (checkpoint.is_block_linear; model.model.layers[*])
+is pruned to 2:4 along its input dimension (each group of 4 consecutive input columns of each output
 row keeps 2 weights). Embeddings and lm_head are left dense. Calibration is
 sequential as in the SparseGPT / Wanda reference code: the inputs of block i+1 are
 the outputs of the already pruned block i. All math is float32 on CPU.
@@ -15,6 +15,7 @@ import time
 import torch
 from torch import nn
 
+from .checkpoint import is_block_linear, write_marker
 from .format import count_24_violations
 
 METHODS = ("magnitude", "wanda", "sparsegpt")
@@ -120,8 +121,10 @@ class LinearStats:
 
 # ----------------------------------------------------------------------------- sequential block loop
 
-def find_linears(module: nn.Module) -> dict[str, nn.Linear]:
-    return {name: m for name, m in module.named_modules() if isinstance(m, nn.Linear)}
+def block_linears(block: nn.Module, prefix: str) -> dict[str, nn.Linear]:
+    """The linears of one decoder block that become 2:4, by full module name (prefix: the block's)."""
+    return {f"{prefix}.{name}": m for name, m in block.named_modules()
+            if isinstance(m, nn.Linear) and is_block_linear(f"{prefix}.{name}")}
 
 
 class _Stop(Exception):
@@ -172,9 +175,9 @@ def prune_model_inplace(model, method: str, calib_ids: torch.Tensor | None = Non
 
     if method == "magnitude":
         for i in bar:
-            for name, lin in find_linears(layers[i]).items():
+            for name, lin in block_linears(layers[i], f"model.layers.{i}").items():
                 lin.weight.data = prune_magnitude(lin.weight.data.float()).to(lin.weight.dtype)
-                pruned[f"model.layers.{i}.{name}"] = lin.weight.numel()
+                pruned[name] = lin.weight.numel()
         return pruned
 
     if calib_ids is None:
@@ -183,7 +186,7 @@ def prune_model_inplace(model, method: str, calib_ids: torch.Tensor | None = Non
     hidden = [args[0] if args else kw["hidden_states"] for args, kw in captured]
     for i in bar:
         layer = layers[i]
-        linears = find_linears(layer)
+        linears = block_linears(layer, f"model.layers.{i}")
         stats = {name: LinearStats(lin.in_features, method) for name, lin in linears.items()}
         hooks = [lin.register_forward_hook(lambda _m, inp, _o, s=stats[name]: s.add(inp[0]))
                  for name, lin in linears.items()]
@@ -196,7 +199,7 @@ def prune_model_inplace(model, method: str, calib_ids: torch.Tensor | None = Non
         for name, lin in linears.items():
             new_w = stats[name].prune(lin.weight.data.float(), blocksize, percdamp)
             lin.weight.data = new_w.to(lin.weight.dtype)
-            pruned[f"model.layers.{i}.{name}"] = lin.weight.numel()
+            pruned[name] = lin.weight.numel()
         # The next block calibrates on the outputs of this pruned block.
         hidden = [_run_block(layer, args, kw, h) for (args, kw), h in zip(captured, hidden)]
     return pruned
@@ -225,7 +228,7 @@ def prune_model(model_dir: str, out_dir: str, method: str, calib_path: str | Non
                 seed: int = 0) -> dict:
     """Prune a HF Llama-style checkpoint to 2:4 and save it (safetensors + tokenizer) to out_dir.
 
-    config.json gets "leanserve_sparsity": {"format": "2:4", "method", "samples", "seqlen", "calib"}.
+    config.json gets the marker (checkpoint.MARKER_KEY): {"format": "2:4", "method", "samples", "seqlen", "calib"}.
     Returns a summary dict.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -257,16 +260,10 @@ def prune_model(model_dir: str, out_dir: str, method: str, calib_path: str | Non
     os.makedirs(out_dir, exist_ok=True)
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
-    marker = {"format": "2:4", "method": method,
+    marker = {"method": method,
               "samples": samples if calib is not None else 0,
               "seqlen": seqlen if calib is not None else 0,
               "calib": os.path.basename(calib_path) if calib is not None else None}
-    cfg_path = os.path.join(out_dir, "config.json")
-    with open(cfg_path) as f:
-        cfg = json.load(f)
-    cfg["leanserve_sparsity"] = marker
-    with open(cfg_path, "w") as f:
-        json.dump(cfg, f, indent=2, sort_keys=True)
-        f.write("\n")
+    write_marker(out_dir, marker)
     return {**marker, "out_dir": out_dir, "linears": len(pruned),
             "pruned_weights": sum(pruned.values()) // 2, "seconds": round(time.time() - t0, 1)}

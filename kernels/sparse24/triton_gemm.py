@@ -13,7 +13,8 @@ Two kernels:
   and no reshape/scatter of the W tile is needed.
 
 Written against the Triton API common to 3.6 and 3.9. Under TRITON_INTERPRET=1
-each kernel has a single config so nothing is autotuned on CPU.
+each kernel has a single config so nothing is autotuned on CPU; `config=` runs one
+given config instead (the tests run every GPU config that way, under the interpreter).
 """
 from __future__ import annotations
 
@@ -27,11 +28,9 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 GEMV_MAX_M = 16  # M <= this uses the gather-x GEMV kernel (tune on the GPU with bench.py)
 
 
-def _gemv_configs():
-    if _INTERPRET:
-        return [triton.Config({"BLOCK_N": 16, "BLOCK_V": 32}, num_warps=4, num_stages=1)]
-    return [triton.Config({"BLOCK_N": bn, "BLOCK_V": bv}, num_warps=w, num_stages=s)
-            for bn in (8, 16, 32, 64) for bv in (64, 128, 256) for w in (4, 8) for s in (3,)]
+GPU_GEMV_CONFIGS = [triton.Config({"BLOCK_N": bn, "BLOCK_V": bv}, num_warps=w, num_stages=3)
+                    for bn in (8, 16, 32, 64) for bv in (64, 128, 256) for w in (4, 8)]
+INTERPRET_GEMV_CONFIG = triton.Config({"BLOCK_N": 16, "BLOCK_V": 32}, num_warps=4, num_stages=1)
 
 
 def _prune_gemv(configs, named_args, **kwargs):
@@ -42,22 +41,20 @@ def _prune_gemv(configs, named_args, **kwargs):
     return keep or configs[:1]
 
 
-def _mm_configs():
-    if _INTERPRET:
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 64, "GROUP_M": 8},
-                              num_warps=4, num_stages=1)]
-    # Hopper (H100/H200): 228 KB smem, wgmma wants BLOCK_M multiple of 64 for large M.
-    shapes = [  # BM, BN, BK, warps, stages
+# Hopper (H100/H200): 228 KB smem, wgmma wants BLOCK_M multiple of 64 for large M.
+GPU_MM_CONFIGS = [
+    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
+    for bm, bn, bk, w, s in [  # BM, BN, BK, warps, stages
         (128, 256, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 128, 8, 3), (64, 256, 64, 4, 4),
         (64, 128, 128, 4, 4), (128, 64, 128, 4, 4), (64, 64, 128, 4, 4), (32, 128, 128, 4, 4),
         (16, 128, 128, 4, 4), (16, 64, 256, 4, 4), (32, 64, 256, 4, 3),
         (16, 32, 256, 4, 4),  # more programs along N when M is small
-    ]
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
-                          num_warps=w, num_stages=s) for bm, bn, bk, w, s in shapes]
+    ]]
+INTERPRET_MM_CONFIG = triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 64, "GROUP_M": 8},
+                                    num_warps=4, num_stages=1)
 
 
-@triton.autotune(configs=_gemv_configs(), key=["M_BUCKET", "N", "K"],
+@triton.autotune(configs=[INTERPRET_GEMV_CONFIG] if _INTERPRET else GPU_GEMV_CONFIGS, key=["M_BUCKET", "N", "K"],
                  prune_configs_by={"early_config_prune": _prune_gemv})
 @triton.jit
 def _sp24_gemv_kernel(x_ptr, v_ptr, meta_ptr, b_ptr, y_ptr, M, N, K, M_BUCKET,
@@ -91,7 +88,7 @@ def _sp24_gemv_kernel(x_ptr, v_ptr, meta_ptr, b_ptr, y_ptr, M, N, K, M_BUCKET,
              acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
-@triton.autotune(configs=_mm_configs(), key=["M_BUCKET", "N", "K"])
+@triton.autotune(configs=[INTERPRET_MM_CONFIG] if _INTERPRET else GPU_MM_CONFIGS, key=["M_BUCKET", "N", "K"])
 @triton.jit
 def _sp24_mm_kernel(x_ptr, v_ptr, meta_ptr, b_ptr, y_ptr, M, N, K, M_BUCKET,
                     stride_xm, stride_xk, stride_vn, stride_mn, stride_ym, stride_yn,
@@ -142,15 +139,26 @@ def _sp24_mm_kernel(x_ptr, v_ptr, meta_ptr, b_ptr, y_ptr, M, N, K, M_BUCKET,
              acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
+def _launch(kernel, grid, config, *args, **kw):
+    if config is None:
+        return kernel[grid](*args, **kw)
+    meta = {**config.kwargs, **kw}
+    # The autotuner's own kernel (.fn), bypassing the search; the grid sees the config's block sizes.
+    return kernel.fn[lambda _: grid(meta)](*args, **meta, num_warps=config.num_warps,
+                                            num_stages=config.num_stages)
+
+
 def _m_bucket(m: int) -> int:
     return min(triton.next_power_of_2(max(m, 1)), 4096)
 
 
 def sparse24_linear_triton(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
-                           bias: torch.Tensor | None = None, path: str = "auto") -> torch.Tensor:
+                           bias: torch.Tensor | None = None, path: str = "auto",
+                           config: triton.Config | None = None) -> torch.Tensor:
     """y [..., N] = x [..., K] @ W^T (+ bias) with W packed as (values, meta).
 
     path: "auto" (gemv for M <= GEMV_MAX_M, else mm), "gemv" or "mm".
+    config: run the kernel with this config instead of autotuning (one of GPU_*_CONFIGS).
     """
     n, k2 = values.shape
     k = 2 * k2
@@ -175,11 +183,11 @@ def sparse24_linear_triton(x: torch.Tensor, values: torch.Tensor, meta: torch.Te
     if path == "gemv":
         bm = min(triton.next_power_of_2(m), 16)
         grid = lambda meta_: (triton.cdiv(n, meta_["BLOCK_N"]), triton.cdiv(m, bm))
-        _sp24_gemv_kernel[grid](*common, HAS_BIAS=has_bias, BLOCK_M=bm)
+        _launch(_sp24_gemv_kernel, grid, config, *common, HAS_BIAS=has_bias, BLOCK_M=bm)
     elif path == "mm":
         prec = "ieee" if x.dtype == torch.float32 else "tf32"
         grid = lambda meta_: (triton.cdiv(m, meta_["BLOCK_M"]) * triton.cdiv(n, meta_["BLOCK_N"]),)
-        _sp24_mm_kernel[grid](*common, HAS_BIAS=has_bias, PRECISION=prec, UPCAST=_INTERPRET)
+        _launch(_sp24_mm_kernel, grid, config, *common, HAS_BIAS=has_bias, PRECISION=prec, UPCAST=_INTERPRET)
     else:
         raise ValueError(f"unknown path {path!r}")
     return y.reshape(*lead, n)

@@ -17,45 +17,39 @@ it), so vLLM uses the method only when asked with ``--quantization leanserve-2of
 ``from_config`` reads the marker. Without the flag the same checkpoint is served as
 an ordinary dense model (its zeros are then just stored and multiplied).
 
-Which layers. Every ``LinearBase`` inside the decoder blocks (prefix ``...layers.<i>.``)
-- the merged ``qkv_proj`` and ``gate_up_proj`` included: the 2:4 groups run along the
-input dimension, so stacking output rows keeps them intact - gets ``Sparse24LinearMethod``;
-other linear layers stay ``UnquantizedLinearMethod``; embeddings and lm_head get no
-method from us (vLLM keeps them dense).
+Which layers, the marker and the compute rule are defined once in ``kernels/sparse24/``
+(``checkpoint.is_block_linear``, ``checkpoint.read_marker``, ``ops.sparse24_linear``):
+every ``LinearBase`` inside the decoder blocks - the merged ``qkv_proj`` and ``gate_up_proj``
+included (the 2:4 groups run along the input dimension, so stacking output rows keeps them
+intact) - gets ``Sparse24LinearMethod``; other linear layers stay ``UnquantizedLinearMethod``;
+embeddings and lm_head get no method from us (vLLM keeps them dense).
 
 What a layer does.
 * create_weights: the dense ``weight`` parameter exactly as vLLM's unquantized method
   creates it, with the layer's own weight_loader, so the merged QKV / gate-up loaders
   fill their shards as usual.
-* process_weights_after_loading: checks 2:4 (a clear error naming the layer if not) and
-  packs the weight with ``kernels.sparse24.format.compress_24`` (values [N, K/2] +
-  4-bit metadata: 56.25% of dense bf16, 53.1% of fp32).
-  - CUDA: keeps only values + meta (the dense weight is freed).
-  - CPU, default (``LEANSERVE_SPARSE24_CPU=dense``): decompresses once and hands the
-    masked dense weight to vLLM's own CPU GEMM (oneDNN / sgl prepack), the packed form
-    is dropped. Plain CPU GEMMs have no 2:4 instructions, so this is the fastest correct
-    path, and it gains nothing over the dense model in speed or memory.
-  - CPU, ``LEANSERVE_SPARSE24_CPU=compressed``: keeps only values + meta and decompresses
-    on every call (saves weight memory, costs speed; for testing the packed format
-    end to end and for memory-bound experiments).
-* apply: CUDA runs the Triton kernel (kernels.sparse24.triton_gemm: gather GEMV for
-  M <= 16, tl.dot tiles above), wrapped in a custom op (``torch.ops.vllm.
-  leanserve_sparse24_linear``) so torch.compile / CUDA graphs see one opaque call.
-  For M >= DENSE_MIN_M rows it decompresses the weight into a transient dense tensor
-  (one layer's worth of scratch, freed after the call) and uses cuBLAS: at large M the
-  GEMM is compute bound, stock Triton has no sparse tensor-core instruction, and the
-  decompression is amortised over M rows. No permanent dense copy is kept.
+* process_weights_after_loading: checks 2:4 (a clear error naming the layer if not), then
+  - CUDA: packs the weight (values [N, K/2] + 4-bit metadata: 56.25% of dense bf16) and keeps
+    only the packed form; apply() runs ``ops.sparse24_linear`` (the Triton kernel: gather GEMV
+    for M <= 16, tl.dot tiles above; a transient dense weight + cuBLAS from DENSE_MIN_M rows),
+    wrapped in a custom op (``torch.ops.vllm.leanserve_sparse24_linear``) so torch.compile /
+    CUDA graphs see one opaque call.
+  - CPU, ``LEANSERVE_SPARSE24_CPU=dense`` (default): does *not* pack. A CPU has no 2:4
+    instructions, so the fastest correct GEMM is vLLM's own CPU GEMM (oneDNN / sgl prepack) on
+    the masked dense weight, which is what the layer keeps; packing it only to unpack it again
+    would cost load time for nothing. Same speed and memory as the dense model.
+  - CPU, ``LEANSERVE_SPARSE24_CPU=compressed``: keeps only the packed form and decompresses it
+    on every call (53-56% of the weight memory, slower; the packed format end to end).
+  - CPU, ``LEANSERVE_SPARSE24_CPU=triton``: keeps only the packed form and runs the Triton kernel
+    on CPU tensors, which needs ``TRITON_INTERPRET=1`` (very slow: for testing the kernel inside
+    vLLM on a tiny model).
 
-DENSE_MIN_M is a placeholder (1024) until it is set from an H200 run of
-``python -m kernels.sparse24.bench``: no GPU measurement backs it yet. Override it
-with ``LEANSERVE_SPARSE24_DENSE_MIN_M`` (0 = always dense, a huge value = never).
-The CUDA path has been tested only through the kernel tests (TRITON_INTERPRET=1 and
-the H200 benchmark), never inside a CUDA vLLM (none was available): the custom-op
-wrapping and graph capture are unverified there.
+The CUDA path has been tested only through the kernel tests (TRITON_INTERPRET=1, the H200
+benchmark) and the CPU ``triton`` mode, never inside a CUDA vLLM (none was available): the
+custom-op wrapping and graph capture are unverified there.
 """
 import logging
 import os
-import re
 from typing import Any, Optional
 
 import torch
@@ -65,14 +59,13 @@ from vllm.model_executor.layers.quantization import register_quantization_config
 from vllm.model_executor.layers.quantization.base_config import QuantizationConfig, QuantizeMethodBase
 from vllm.utils.torch_utils import direct_register_custom_op
 
-from kernels.sparse24.format import compress_24, compressed_nbytes, count_24_violations, decompress_24
+from kernels.sparse24.checkpoint import MARKER_KEY, is_block_linear, read_marker
+from kernels.sparse24.format import compress_24, compressed_nbytes, count_24_violations
+from kernels.sparse24.ops import DENSE_MIN_M, sparse24_linear
 
 NAME = "leanserve-2of4"
-MARKER_KEY = "leanserve_sparsity"  # written into config.json by kernels.sparse24.prune.prune_model
 CPU_MODE_ENV = "LEANSERVE_SPARSE24_CPU"
-CPU_MODES = ("dense", "compressed")
-DENSE_MIN_M = int(os.environ.get("LEANSERVE_SPARSE24_DENSE_MIN_M", "1024"))  # unmeasured placeholder
-BLOCK_PREFIX = re.compile(r"(^|\.)layers\.\d+\.")  # linears the pruner prunes: model.layers.<i>.*
+CPU_MODES = ("dense", "compressed", "triton")
 
 # Inside vLLM's logger namespace so its handler prints these lines.
 log = logging.getLogger("vllm.leanserve.sparse24")
@@ -82,33 +75,30 @@ def cpu_mode() -> str:
     mode = os.environ.get(CPU_MODE_ENV, "dense").strip().lower() or "dense"
     if mode not in CPU_MODES:
         raise ValueError(f"{CPU_MODE_ENV}={mode!r}: choose one of {', '.join(CPU_MODES)}")
+    if mode == "triton" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(f"{CPU_MODE_ENV}=triton runs the Triton kernel on CPU tensors, which only the Triton "
+                         "interpreter can do: set TRITON_INTERPRET=1 (for tests; it is very slow)")
     return mode
 
 
 # ----------------------------------------------------------------------------- the compute op
 
 def _sparse24_linear_impl(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
-                          bias: Optional[torch.Tensor], dense_min_m: int) -> torch.Tensor:
-    m = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    if x.is_cuda and m < dense_min_m:
-        from kernels.sparse24.triton_gemm import sparse24_linear_triton
-        return sparse24_linear_triton(x, values, meta, bias)
-    # Large M on CUDA, and the CPU "compressed" mode: transient dense weight + dense GEMM.
-    w = decompress_24(values, meta).to(x.dtype)
-    return torch.nn.functional.linear(x, w, None if bias is None else bias.to(x.dtype))
+                          bias: Optional[torch.Tensor], use_triton: bool, dense_min_m: int) -> torch.Tensor:
+    return sparse24_linear(x, values, meta, bias, triton=use_triton, dense_min_m=dense_min_m)
 
 
 def _sparse24_linear_fake(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
-                          bias: Optional[torch.Tensor], dense_min_m: int) -> torch.Tensor:
+                          bias: Optional[torch.Tensor], use_triton: bool, dense_min_m: int) -> torch.Tensor:
     return x.new_empty((*x.shape[:-1], values.shape[0]))
 
 
 direct_register_custom_op("leanserve_sparse24_linear", _sparse24_linear_impl, fake_impl=_sparse24_linear_fake)
 
 
-def sparse24_linear_op(x, values, meta, bias=None, dense_min_m: int | None = None) -> torch.Tensor:
+def sparse24_linear_op(x, values, meta, bias=None, *, use_triton: bool, dense_min_m: int | None = None) -> torch.Tensor:
     return torch.ops.vllm.leanserve_sparse24_linear(
-        x, values, meta, bias, DENSE_MIN_M if dense_min_m is None else dense_min_m)
+        x, values, meta, bias, use_triton, DENSE_MIN_M if dense_min_m is None else dense_min_m)
 
 
 # ----------------------------------------------------------------------------- config + method
@@ -145,18 +135,19 @@ class Sparse24Config(QuantizationConfig):
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> "Sparse24Config":
-        marker = config.get(MARKER_KEY)
-        if not isinstance(marker, dict) or marker.get("format") != "2:4":
+        marker = read_marker(config)
+        if marker is None:
             raise ValueError(
                 f"--quantization {NAME} serves checkpoints written by `leanserve prune`, whose config.json "
-                f"has \"{MARKER_KEY}\": {{\"format\": \"2:4\", ...}}; this one has {MARKER_KEY}={marker!r}. "
+                f"has \"{MARKER_KEY}\": {{\"format\": \"2:4\", ...}}; this one has "
+                f"{MARKER_KEY}={config.get(MARKER_KEY)!r}. "
                 "Prune the model first (leanserve prune MODEL_DIR OUT_DIR --method ...) or serve it without "
                 "--quantization.")
         return cls(marker)
 
     def get_quant_method(self, layer: torch.nn.Module, prefix: str) -> QuantizeMethodBase | None:
         if isinstance(layer, LinearBase):
-            if BLOCK_PREFIX.search(prefix):
+            if is_block_linear(prefix):
                 return Sparse24LinearMethod(self)
             return UnquantizedLinearMethod()
         return None  # embeddings, lm_head, attention: vLLM's defaults
@@ -190,24 +181,15 @@ class Sparse24LinearMethod(LinearMethodBase):
                 f"{_name(layer)}: weight [{n}, {k}] is not 2:4 sparse ({bad} of {n * k // 4} groups of 4 "
                 f"input columns have more than 2 nonzeros). --quantization {NAME} needs a checkpoint pruned "
                 "by `leanserve prune`.")
-        values, meta = compress_24(w)
-        dense_b = w.numel() * w.element_size()
-        packed_b = compressed_nbytes(n, k, w.dtype)
-        assert packed_b == values.numel() * values.element_size() + meta.numel() * meta.element_size()
+        packed_b, dense_b = compressed_nbytes(n, k, w.dtype), w.numel() * w.element_size()
         layer.sparse24_bytes = (packed_b, dense_b)
-        on_cpu = not w.is_cuda
-        mode = cpu_mode() if on_cpu else "triton"
+        mode = "triton" if w.is_cuda else cpu_mode()
         layer.sparse24_path = mode
         self._account(layer, mode, packed_b, dense_b)
-
-        if on_cpu and mode == "dense":
-            # The round trip must give back the loaded weight bit for bit.
-            layer.weight.data = decompress_24(values, meta)
-            if not torch.equal(layer.weight.data, w):
-                raise AssertionError(f"{_name(layer)}: 2:4 compress/decompress round trip changed the weight")
-            del values, meta
+        if mode == "dense":  # see the module docstring: on CPU the masked dense weight is the fast form
             self._dense.process_weights_after_loading(layer)  # vLLM's CPU GEMM dispatch (prepack)
             return
+        values, meta = compress_24(w)
         layer.register_buffer("sparse24_values", values, persistent=False)
         layer.register_buffer("sparse24_meta", meta, persistent=False)
         # Free the dense weight; keep an empty parameter of the right dtype, as vLLM's CPU path does.
@@ -215,20 +197,21 @@ class Sparse24LinearMethod(LinearMethodBase):
         del w
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        if getattr(layer, "sparse24_path", None) == "dense":
+        if layer.sparse24_path == "dense":
             return self._dense.apply(layer, x, bias)
-        return sparse24_linear_op(x, layer.sparse24_values, layer.sparse24_meta, bias)
+        return sparse24_linear_op(x, layer.sparse24_values, layer.sparse24_meta, bias,
+                                  use_triton=layer.sparse24_path == "triton")
 
     def _account(self, layer, mode: str, packed_b: int, dense_b: int) -> None:
         cfg = self.config
         if cfg is None:
             return
         if cfg.layers == 0:
-            what = {"triton": f"Triton 2:4 kernel (dense cuBLAS on a transient weight for M >= {DENSE_MIN_M})",
-                    "dense": "CPU: masked dense weight through vLLM's CPU GEMM (no 2:4 speed-up or memory "
-                             f"saving on CPU; {CPU_MODE_ENV}=compressed keeps only the packed form)",
-                    "compressed": "CPU: packed weight only, decompressed on every call (slow)"}[mode]
-            log.info("%s: packing 2:4 linear layers; compute path: %s", NAME, what)
+            what = {"triton": f"packed weights, Triton 2:4 kernel (a transient dense weight for M >= {DENSE_MIN_M})",
+                    "dense": "CPU: 2:4 checked, not packed: the masked dense weight through vLLM's CPU GEMM (a CPU "
+                             f"has no 2:4 instructions; {CPU_MODE_ENV}=compressed keeps only the packed form)",
+                    "compressed": "CPU: packed weights only, decompressed on every call (slow)"}[mode]
+            log.info("%s: 2:4 linear layers; compute path: %s", NAME, what)
         cfg.layers += 1
         cfg.dense_bytes += dense_b
         cfg.packed_bytes += packed_b

@@ -28,14 +28,32 @@ def estimate_tokens(chars: int) -> int:
     return math.ceil(chars / CHARS_PER_TOKEN)
 
 
+VERIFIERS = ("rule", "model")
+# What a request may set (the `trim` knob); the other fields are the server's.
+REQUEST_FIELDS = ("enabled", "consistency", "max_thoughts", "thinking_budget", "verifier")
+
+
+class TrimConfigError(ValueError):
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field, self.message = field, message
+
+
+def _int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
 @dataclass(frozen=True)
 class TrimConfig:
+    """Every trimming setting, for the gateway (a request's `trim`, validated by from_request) and for
+    `leanserve eval trim`. Invalid values raise TrimConfigError naming the field."""
     enabled: bool = True
     consistency: int = 2  # agreeing answer-bearing thoughts needed to cut
     # None: no limit. Thoughts are short (every "But"/"Wait" paragraph starts one): on the
     # Sky-T1 dev traces 20 cut many healthy traces too early; 100 only cut runaway ones.
     max_thoughts: Optional[int] = 100
     thinking_budget: Optional[int] = None  # tokens; None: no budget
+    verifier: str = "rule"  # "rule" (regex) or "model" (an LLM asked; server/trimming/model_verifier.py)
     max_repeats: Optional[int] = 3  # verbatim repeated thoughts that mean a loop; None: off
     min_thought_chars: int = 0  # shorter would-be thoughts merge into the next
     reset_on_unanswered: bool = False
@@ -43,14 +61,28 @@ class TrimConfig:
     delimiters: Delimiters = THINK
 
     def __post_init__(self) -> None:
-        if self.consistency < 1:
-            raise ValueError("consistency must be >= 1")
-        if self.max_thoughts is not None and self.max_thoughts < 1:
-            raise ValueError("max_thoughts must be >= 1 or None")
-        if self.max_repeats is not None and self.max_repeats < 1:
-            raise ValueError("max_repeats must be >= 1 or None")
-        if self.thinking_budget is not None and self.thinking_budget < 1:
-            raise ValueError("thinking_budget must be >= 1 or None")
+        if not isinstance(self.enabled, bool):
+            raise TrimConfigError("enabled", "must be true or false")
+        if not _int(self.consistency) or not 1 <= self.consistency <= 10:
+            raise TrimConfigError("consistency", "must be an integer from 1 to 10")
+        for name in ("max_thoughts", "thinking_budget", "max_repeats"):
+            v = getattr(self, name)
+            if v is not None and (not _int(v) or v < 1):
+                raise TrimConfigError(name, "must be an integer >= 1 (or null: no limit)")
+        if self.verifier not in VERIFIERS:
+            raise TrimConfigError("verifier", f"must be one of {', '.join(map(repr, VERIFIERS))}")
+
+    @classmethod
+    def from_request(cls, spec) -> "TrimConfig":
+        """The `trim` of a request body: true (the defaults), false, or an object of REQUEST_FIELDS."""
+        if isinstance(spec, bool):
+            return cls(enabled=spec)
+        if not isinstance(spec, dict):
+            raise TrimConfigError("", "must be true, false or an object")
+        unknown = sorted(set(spec) - set(REQUEST_FIELDS))
+        if unknown:
+            raise TrimConfigError(unknown[0], f"unknown field (allowed: {', '.join(REQUEST_FIELDS)})")
+        return cls(**spec)
 
 
 class Action(str, enum.Enum):
@@ -122,8 +154,9 @@ class TrimState:
         self._seen.add(key)
         return self.repeats >= self.config.max_repeats
 
-    def observe_budget(self, thinking_tokens: int, offset: int) -> Decision:
-        """Thinking tokens so far, with `offset` the stream position they reach."""
+    def observe_budget(self, thinking_tokens: int, offset: Optional[int]) -> Decision:
+        """Thinking tokens so far, with `offset` the stream position they reach (None: the caller
+        decides where to cut)."""
         budget = self.config.thinking_budget
         if self.decision.cut or not self.config.enabled or budget is None or thinking_tokens < budget:
             return self.decision
@@ -146,8 +179,12 @@ class ThoughtTrimmer:
         config: TrimConfig = TrimConfig(),
         verifier: Optional[Verifier] = None,
         question: Optional[str] = None,
+        estimate_budget: bool = True,
     ) -> None:
+        """estimate_budget=False: the caller counts real tokens and applies the budget itself with
+        state.observe_budget (the streaming relay, at the exact chunk); no estimate is made here."""
         self.config = config
+        self.estimate_budget = estimate_budget
         self.verifier = verifier or RuleVerifier()
         self.question = question
         self.segmenter = Segmenter(config.markers, config.delimiters, config.min_thought_chars)
@@ -172,7 +209,7 @@ class ThoughtTrimmer:
 
     async def _judge(self, thoughts: list[Thought], thinking_tokens: Optional[int]) -> Decision:
         thoughts = [t for t in thoughts if t.closed_by == "marker"]
-        limit = self._budget_offset() if thinking_tokens is None else None
+        limit = self._budget_offset() if thinking_tokens is None and self.estimate_budget else None
         answers = await self.verifier.answers([t.text for t in thoughts], self.question) if thoughts else []
         for t, a in zip(thoughts, answers):
             if limit is not None and t.end > limit:

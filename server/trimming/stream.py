@@ -36,13 +36,13 @@ import asyncio
 import json
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Optional, Sequence
 
 import aiohttp
 
 from ..errors import APIError, normalize_upstream_error
-from ..schema import TrimOptions, engine_body
+from ..schema import engine_body
 from ..sse import DONE_EVENT, TOKEN, USAGE, EventSplitter, classify, load_event
 from .policy import Decision, ThoughtTrimmer, TrimConfig, estimate_tokens
 from .rule_verifier import RuleVerifier, Verifier
@@ -92,17 +92,16 @@ class TrimService:
 _NO_SERVICE = TrimService()
 
 
-def plan_trim(gw: Any, body: dict, endpoint: str) -> Optional["TrimPlan"]:
-    """The trimming plan of a request, or None for the plain relay. parse_body has turned an explicit
-    `trim` into its TrimOptions (refusing it, with 400, where it cannot apply) or into False; the
-    server default applies only where it can."""
+def plan_trim(gw: Any, trim: Optional[TrimConfig], body: dict, endpoint: str) -> Optional["TrimPlan"]:
+    """The trimming plan of a request, or None for the plain relay. `trim`: the request's own settings as
+    parse_body validated them (it refuses, with 400, an enabled `trim` where it cannot apply), None when
+    it has none; the server default applies only where it can."""
     svc: TrimService = getattr(gw, "trim", None) or _NO_SERVICE
-    spec = body.get("trim")
-    if isinstance(spec, TrimOptions):
-        return TrimPlan(svc, spec)
-    if spec is False or not svc.default or endpoint != "chat" or (body.get("n") or 1) != 1:
+    if trim is not None:
+        return TrimPlan(svc, trim) if trim.enabled else None
+    if not svc.default or endpoint != "chat" or (body.get("n") or 1) != 1:
         return None
-    return TrimPlan(svc, TrimOptions())
+    return TrimPlan(svc, TrimConfig())
 
 
 def _question(messages: Any) -> Optional[str]:
@@ -133,14 +132,11 @@ def _prefill(body: dict) -> Optional[str]:
 @dataclass
 class TrimPlan:
     service: TrimService
-    options: TrimOptions
+    config: TrimConfig  # the request's settings; delimiters are the service's
 
-    def config(self, implicit_open: bool) -> TrimConfig:
+    def trimmer_config(self, implicit_open: bool) -> TrimConfig:
         d = self.service.delimiters
-        # The thinking budget is the relay's job (on real token counts, without the verifier).
-        return TrimConfig(consistency=self.options.consistency, max_thoughts=self.options.max_thoughts,
-                          thinking_budget=None,
-                          delimiters=Delimiters(d.open, d.close, implicit_open or d.implicit_open))
+        return replace(self.config, delimiters=Delimiters(d.open, d.close, implicit_open or d.implicit_open))
 
     def upstream_body(self, body: dict) -> bytes:
         """The first engine call: always streamed, with usage on every chunk."""
@@ -192,7 +188,7 @@ class TrimmedStream:
         self.plan, self.rr, self.replica = plan, rr, replica
         self.gw = rr.gw
         self.model = rr.model
-        self.opts = plan.options
+        self.config = plan.config
         self.delims = plan.service.delimiters
         self.sink = SSESink(rr, send) if rr.stream else CollectSink(rr, send)
         opts = rr.body.get("stream_options") or {}
@@ -252,11 +248,13 @@ class TrimmedStream:
 
     # ---- the trimmer task ---------------------------------------------------------------------
     def _start_trimmer(self, implicit_open: bool) -> None:
-        kind = self.opts.verifier
+        kind = self.config.verifier
         inner = self.plan.service.verifier(kind, self.gw.client, self.replica.url, self.model)
         verifier = _Timed(inner, self.gw.metrics.trim_verifier_seconds.labels(kind))
         question = _question(self.rr.body.get("messages"))
-        self.trimmer = ThoughtTrimmer(self.plan.config(implicit_open), verifier, question)
+        # The relay counts real tokens and applies the budget itself (at the exact chunk): no estimates.
+        self.trimmer = ThoughtTrimmer(self.plan.trimmer_config(implicit_open), verifier, question,
+                                      estimate_budget=False)
         self.hold = self.trimmer.segmenter.holdback
         self.task = asyncio.ensure_future(self._trim_loop())
 
@@ -283,9 +281,9 @@ class TrimmedStream:
 
     # ---- first call ---------------------------------------------------------------------------
     async def _first(self, resp: aiohttp.ClientResponse) -> None:
-        from ..relay import CONNECT_ERRORS, _Retry
+        from ..relay import CONNECT_ERRORS, _Retry, upstream_failure
 
-        splitter = EventSplitter()
+        splitter, failure = EventSplitter(), None
         try:
             while True:
                 if self.cut_future.done() and not self.cut_considered:  # decided while the engine was quiet
@@ -322,9 +320,10 @@ class TrimmedStream:
                         self.sink.raw(ev)
                 await self.sink.flush()
         except (*CONNECT_ERRORS, asyncio.TimeoutError) as e:
-            self.gw.metrics.upstream_errors.labels(self.replica.url, "stream").inc()
+            kind, failure = upstream_failure(e, "stream")
+            self.gw.metrics.upstream_errors.labels(self.replica.url, kind).inc()
             if not self.rr.started:  # nothing reached the client yet (never, for stream=false): retry
-                raise _Retry(APIError(502, f"the engine connection broke: {type(e).__name__}", code="engine_error"))
+                raise _Retry(failure)
             log.warning("engine %s broke mid-stream: %r", self.replica.url, e)
         # the first call ended without a cut
         self._stop_trimmer()
@@ -337,7 +336,7 @@ class TrimmedStream:
             self.rr._account(self.usage1.get("usage"), [])
             self.sink.usage(self.usage1)
         if not self.saw_done:
-            self.sink.error(APIError(502, "the engine stream ended unexpectedly", code="engine_error"))
+            self.sink.error(failure or APIError(502, "the engine stream ended unexpectedly", code="engine_error"))
 
     async def _first_token(self, ev: bytes, now: float) -> None:
         data = load_event(ev)
@@ -401,7 +400,7 @@ class TrimmedStream:
             await asyncio.sleep(0)  # a prompt verifier decides before the text is released
             if self.cut_future.done():
                 self._cut_from(self.cut_future.result())
-            elif self.opts.thinking_budget is not None and self.thinking_tokens >= self.opts.thinking_budget:
+            elif self.trimmer is not None and self.trimmer.state.observe_budget(self.thinking_tokens, None).cut:
                 self._cut_budget()
             if self.cut is not None:
                 return
@@ -463,7 +462,7 @@ class TrimmedStream:
         self._set_cut("thinking_budget", k, self.trimmer.state.thoughts if self.trimmer else 0)
 
     def _set_cut(self, reason: str, keep_at: int, thoughts: int) -> None:
-        budget = self.opts.thinking_budget or self._max_tokens() or self._context_left()
+        budget = self.config.thinking_budget or self._max_tokens() or self._context_left()
         saved = max(0, budget - self.thinking_tokens) if budget else 0
         marker = {"trim": {"reason": reason, "thoughts": thoughts, "thinking_tokens": self.thinking_tokens,
                            "thinking_tokens_saved_estimate": saved}}

@@ -35,7 +35,7 @@ def running(engine_url) -> float:
     return metric(engine_url, "vllm:num_requests_running")
 
 
-def wait_idle(engine_url, timeout=20.0) -> bool:
+def wait_idle(engine_url, timeout=180.0) -> bool:  # a bound on waiting (steps are slow on shared cores)
     return wait_for(lambda: running(engine_url) == 0, timeout, interval=0.2)
 
 
@@ -125,3 +125,41 @@ def test_disconnect_during_the_thinking_leaves_nothing_running(served):
     body = {**BODY, "max_tokens": 400, "ignore_eos": True, "trim": {"thinking_budget": 390}}
     _disconnect_after(served, body, lambda n, ev: n >= 6)
     assert wait_idle(served.engine_url), "the first call kept running after the client left"
+
+
+# The overthinking cut decided by the model's own output. The prompt asks for checks that begin with "Wait";
+# the prefill holds the first answer-bearing thought and opens the second. Greedy, the model completes the
+# second with the same answer (12) and starts a third with "\n\nWait": two agreeing thoughts (consistency 2),
+# the cut comes after the second, before the client sees the third.
+OVER_SYSTEM = ("You are a careful solver. Think step by step inside <think> and </think> tags. After you find the "
+               "answer, check it again several times; begin every check with the word \"Wait\". Then give the "
+               "final answer.")
+OVER_PREFILL = "<think>\n3 pens with 4 sheep each: 3 x 4 = 12. So the answer is 12.\n\nWait, let me check:"
+OVER_MESSAGES = [{"role": "system", "content": OVER_SYSTEM},
+                 {"role": "user", "content": "A farmer has 3 pens with 4 sheep each. How many sheep are there?"},
+                 {"role": "assistant", "content": OVER_PREFILL}]
+
+
+def test_overthinking_cut_end_to_end(served):
+    assert wait_idle(served.engine_url)
+    body = {**BODY, "messages": OVER_MESSAGES, "max_tokens": 80, "ignore_eos": True,
+            "stream_options": {"include_usage": True}, "trim": {"consistency": 2, "verifier": "rule"}}
+    with httpx.stream("POST", served.url + "/v1/chat/completions", json=body, timeout=180) as r:
+        assert r.status_code == 200
+        evs = list(sse(r))
+    assert evs[-1] == "[DONE]" and all("error" not in c for c in evs[:-1])
+    chunks = evs[:-1]
+    marks = [i for i, c in enumerate(chunks) if "leanserve" in c]
+    assert len(marks) == 1, chunks
+    trim = chunks[marks[0]]["leanserve"]["trim"]
+    assert trim["reason"] == "overthinking" and trim["thoughts"] == 2, trim
+    thinking = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks[: marks[0] + 1] if c["choices"])
+    # the client got the model's second thought (its own prefill is never sent back), then the close
+    assert thinking.endswith("So the answer is 12.\n\n" + CLOSING_PHRASE + "\n</think>"), thinking
+    assert "Wait" not in thinking  # the third thought, which the cut removed, never reached the client
+    answer = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks[marks[0] + 1:] if c["choices"])
+    assert answer.strip()
+    # the first call was aborted before its 80 tokens; the usage covers both calls
+    assert trim["thinking_tokens"] < 60 and trim["thinking_tokens_saved_estimate"] > 0
+    assert chunks[-1]["usage"]["completion_tokens"] <= 80
+    assert wait_idle(served.engine_url)

@@ -5,8 +5,9 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
 import pytest
 import torch
 
+from kernels.sparse24 import triton_gemm
 from kernels.sparse24.format import compress_24
-from kernels.sparse24.ops import sparse24_linear, sparse24_linear_torch
+from kernels.sparse24.ops import sparse24_linear
 from kernels.sparse24.reference import sparse24_linear_reference
 from kernels.sparse24.triton_gemm import sparse24_linear_triton
 
@@ -57,13 +58,33 @@ def test_reference_is_dense_matmul():
     torch.testing.assert_close(y, x @ w.t() + b, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("config", ["mm", "gemv"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cpu_dispatch(dtype):
-    values, meta = compress_24(random_24(24, 96, dtype))
-    x = torch.randn(3, 96).to(dtype)
+def test_every_gpu_autotune_config_with_odd_k(config, dtype):
+    """The block sizes the GPU autotuner may pick (not only the interpreter's one config), on a K whose
+    37 groups of 4 fill no block: masks on K, N and M must hold for every tile shape."""
+    n, k = 70, 148
+    values, meta = compress_24(random_24(n, k, dtype, seed=5))
+    g = torch.Generator().manual_seed(6)
+    m = 33 if config == "mm" else 5
+    x = torch.randn(m, k, generator=g).to(dtype)
+    bias = torch.randn(n, generator=g).to(dtype)
+    ref = sparse24_linear_reference(x, values, meta, bias).float()
+    configs = triton_gemm.GPU_MM_CONFIGS if config == "mm" else triton_gemm.GPU_GEMV_CONFIGS
+    for c in configs:
+        y = sparse24_linear_triton(x, values, meta, bias, path=config, config=c)
+        torch.testing.assert_close(y.float(), ref, **TOL[dtype], msg=lambda e: f"{c}: {e}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dense_min_m", [1, 10**9])  # both sides of the dense switch
+@pytest.mark.parametrize("triton", [None, True])  # CPU default (never Triton) and forced Triton
+def test_dispatch_matches_the_reference(dtype, dense_min_m, triton):
+    values, meta = compress_24(random_24(24, 100, dtype))
+    x = torch.randn(9, 100).to(dtype)
     b = torch.randn(24).to(dtype)
-    y = sparse24_linear(x, values, meta, b)
-    torch.testing.assert_close(y, sparse24_linear_torch(x, values, meta, b))
+    y = sparse24_linear(x, values, meta, b, triton=triton, dense_min_m=dense_min_m)
+    assert y.dtype == dtype and y.shape == (9, 24)
     torch.testing.assert_close(y.float(), sparse24_linear_reference(x, values, meta, b).float(), **TOL[dtype])
 
 

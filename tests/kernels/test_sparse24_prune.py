@@ -201,3 +201,28 @@ def test_calibration_windows():
     assert all(torch.equal(r, torch.arange(r[0], r[0] + 64)) for r in a)
     with pytest.raises(ValueError, match="tokens"):
         P.calibration_windows(ids[:10], 1, 64)
+
+
+def test_one_rule_for_which_linears_are_24():
+    from torch import nn
+
+    from kernels.sparse24.checkpoint import is_block_linear
+    for name in ("model.layers.3.mlp.down_proj", "model.layers.0.self_attn.qkv_proj",  # HF, vLLM (merged)
+                 "model.layers.11.mlp.gate_up_proj", "layers.2.self_attn.o_proj"):
+        assert is_block_linear(name), name
+    for name in ("lm_head", "model.embed_tokens", "model.projector", "model.norm", "model.players.1.x"):
+        assert not is_block_linear(name), name
+    model = tiny_llama()
+    every = {n for n, m in model.named_modules() if isinstance(m, nn.Linear) and is_block_linear(n)}
+    pruned = P.prune_model_inplace(model, "magnitude", progress=False)
+    assert set(pruned) == every and "lm_head" not in pruned and len(every) == 14
+
+
+def test_marker_round_trip(tmp_path):
+    from kernels.sparse24.checkpoint import MARKER_KEY, read_marker, write_marker
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    write_marker(tmp_path, {"method": "wanda"})
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    assert cfg[MARKER_KEY] == {"format": "2:4", "method": "wanda"} and cfg["model_type"] == "llama"
+    assert read_marker(cfg) == cfg[MARKER_KEY]
+    assert read_marker({"model_type": "llama"}) is None and read_marker({MARKER_KEY: {"format": "4:8"}}) is None

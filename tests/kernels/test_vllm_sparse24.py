@@ -46,7 +46,7 @@ def vllm_ctx():
             parallel_state.destroy_distributed_environment()
 
 
-@pytest.fixture(params=["dense", "compressed"])
+@pytest.fixture(params=S.CPU_MODES)  # triton: the kernel on CPU tensors (TRITON_INTERPRET=1, kernels/conftest.py)
 def cpu_mode(request, monkeypatch):
     monkeypatch.setenv(S.CPU_MODE_ENV, request.param)
     return request.param
@@ -71,11 +71,11 @@ def finish_and_check(layer, dense_w, mode, bias=None, ms=(1, 5, 33)):
     assert isinstance(layer.quant_method, S.Sparse24LinearMethod)
     layer.quant_method.process_weights_after_loading(layer)
     assert layer.sparse24_path == mode
-    if mode == "compressed":
+    if mode == "dense":
+        assert not hasattr(layer, "sparse24_values")  # never packed: vLLM's CPU GEMM gets the dense weight
+    else:
         assert layer.weight.numel() == 0  # dense weight freed, only the packed form is kept
         assert torch.equal(decompress_24(layer.sparse24_values, layer.sparse24_meta), dense_w)
-    else:
-        assert not hasattr(layer, "sparse24_values")  # packed form dropped on the CPU dense path
     for m in ms:
         x = inputs(m, dense_w.shape[1], seed=m, dtype=dense_w.dtype)
         ref = F.linear(x.float(), dense_w.float(), None if bias is None else bias.float())
@@ -132,17 +132,15 @@ def test_bf16_packed_bytes_at_most_057_of_dense(vllm_ctx, monkeypatch):
     torch.testing.assert_close(run(layer, x), F.linear(x, w), rtol=1e-2, atol=1e-2)
 
 
-def test_large_m_uses_the_same_numbers(vllm_ctx):
-    """The op's large-M branch (transient dense weight) and the small-M branch agree (on CPU both are
-    the torch path; on CUDA they are the Triton kernel and cuBLAS)."""
-    w = sparse(32, K, 10)
+@pytest.mark.parametrize("m", [9, 40])  # the Triton GEMV and tl.dot kernels
+@pytest.mark.parametrize("dense_min_m", [1, 10**9])  # transient dense weight / the kernel
+def test_custom_op_matches_the_reference_on_both_sides_of_the_dense_switch(vllm_ctx, m, dense_min_m):
     from kernels.sparse24.format import compress_24
-    values, meta = compress_24(w)
-    x = inputs(9, K)
-    a = S.sparse24_linear_op(x, values, meta, None, dense_min_m=1)
-    b = S.sparse24_linear_op(x, values, meta, None, dense_min_m=10**9)
-    torch.testing.assert_close(a, F.linear(x, w))
-    torch.testing.assert_close(b, F.linear(x, w))
+    from kernels.sparse24.reference import sparse24_linear_reference
+    values, meta = compress_24(sparse(32, K, 10))
+    x, b = inputs(m, K), torch.randn(32)
+    y = S.sparse24_linear_op(x, values, meta, b, use_triton=True, dense_min_m=dense_min_m)
+    torch.testing.assert_close(y, sparse24_linear_reference(x, values, meta, b), rtol=1e-5, atol=1e-4)
 
 
 def test_not_24_is_a_clear_error_naming_the_layer(vllm_ctx):
@@ -196,6 +194,10 @@ def test_bad_cpu_mode(monkeypatch):
     monkeypatch.setenv(S.CPU_MODE_ENV, "sparse")
     with pytest.raises(ValueError, match=S.CPU_MODE_ENV):
         S.cpu_mode()
+    monkeypatch.setenv(S.CPU_MODE_ENV, "triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
+        S.cpu_mode()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -205,4 +207,5 @@ def test_cuda_op_matches_dense():
     values, meta = compress_24(w)
     for m in (1, 16, 64, 2048):
         x = inputs(m, 512, dtype=torch.bfloat16).cuda()
-        torch.testing.assert_close(S.sparse24_linear_op(x, values, meta), F.linear(x, w), rtol=2e-2, atol=2e-2)
+        torch.testing.assert_close(S.sparse24_linear_op(x, values, meta, use_triton=True), F.linear(x, w),
+                                   rtol=2e-2, atol=2e-2)

@@ -1,11 +1,15 @@
 """A deterministic fake of vLLM's OpenAI server, for unit tests and the gateway microbenchmark.
 
 Pure ASGI so it sees client disconnects exactly (it records them). Behaviour per instance
-(token_delay, fail_status, health) and per request through body fields prefixed `fake_`."""
+(token_delay, first_token_delay, fail_status, health, gate) and per request through body fields
+prefixed `fake_`: fake_token_delay, fake_first_token_delay, fake_break_after (drop the connection after
+k tokens), fake_stall_after (send k tokens, then nothing until the client leaves), fake_wait_gate (hold
+the second token until the test sets `gate`, so a test can order events without sleeping)."""
 from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
 
 from tests.support.asgi import lifespan, read_json, send_json, watch_disconnect
@@ -20,6 +24,8 @@ class FakeUpstream:
         self.first_token_delay = first_token_delay
         self.fail_status: int | None = None  # answer every completion with this status
         self.healthy = True
+        self.gate = threading.Event()  # set by a test: releases requests that wait for it (fake_wait_gate)
+        self.gate_timed_out = 0  # requests that gave up waiting for the gate
         self.requests: list[dict] = []  # bodies received
         self.active = 0  # completions currently being served
         self.disconnects = 0  # completions whose client (the gateway) went away
@@ -69,11 +75,25 @@ class FakeUpstream:
             pass
         return gone.is_set()
 
+    async def _wait_gate(self, gone: asyncio.Event, timeout: float = 30.0) -> bool:
+        """Until the test sets `gate` (True) or the client leaves (False). A threading.Event, set from the
+        test's thread, so it is polled."""
+        t0 = time.monotonic()
+        while not self.gate.is_set():
+            if gone.is_set():
+                return False
+            if time.monotonic() - t0 > timeout:
+                self.gate_timed_out += 1
+                return True
+            await asyncio.sleep(0.005)
+        return not gone.is_set()
+
     async def _complete(self, req: dict, chat: bool, send, gone: asyncio.Event) -> None:
         n_tokens = req.get("max_tokens") or req.get("max_completion_tokens") or 16
         delay = req.get("fake_token_delay", self.token_delay)
         first = req.get("fake_first_token_delay", self.first_token_delay)
         break_after = req.get("fake_break_after")  # drop the connection after k tokens
+        stall_after = req.get("fake_stall_after")
         rid = f"{'chatcmpl' if chat else 'cmpl'}-fake{len(self.requests)}"
         obj = "chat.completion" if chat else "text_completion"
         tokens = [f"tok{i} " for i in range(n_tokens)]
@@ -91,6 +111,11 @@ class FakeUpstream:
         obj += ".chunk" if chat else ""
         for i, tok in enumerate(tokens):
             if i and await self._sleep(delay, gone):
+                return
+            if i == 1 and req.get("fake_wait_gate") and not await self._wait_gate(gone):
+                return
+            if stall_after is not None and i == stall_after:
+                await gone.wait()
                 return
             if break_after is not None and i == break_after:
                 raise ConnectionAbortedError("fake upstream breaks the stream")  # uvicorn drops the connection

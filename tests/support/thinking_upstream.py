@@ -4,14 +4,15 @@ Pure ASGI (it sees disconnects exactly). A chat call streams `script` (one piece
 vLLM's usage on every chunk when continuous_usage_stats is asked); a trimmed continuation (a final
 assistant message containing "</think>" with continue_final_message) streams `answer`. With
 reasoning=True the pieces before "</think>" come in the `reasoning` field, like vLLM with a reasoning
-parser. /v1/completions answers verifier prompts with Yes/No logprobs from `judge`. Every piece's
-send time is recorded (time.monotonic, same process as the test) so relay pace can be checked."""
+parser. /v1/completions answers verifier prompts with Yes/No logprobs from `judge`, after
+`verifier_delay` seconds or, with `verifier_gate`, once the test sets that threading.Event."""
 from __future__ import annotations
 
 import asyncio
 import json
 import math
 import re
+import threading
 import time
 from typing import Callable, Optional, Sequence
 
@@ -50,6 +51,8 @@ class ThinkingUpstream:
         self.continuous_usage = continuous_usage
         self.judge = judge
         self.verifier_delay = verifier_delay
+        self.verifier_gate: Optional[threading.Event] = None
+        self.verifier_answered = 0  # verifier responses sent
         self.verifier_status: Optional[int] = None
         self.continuation_status: Optional[int] = None
         self.max_model_len = max_model_len
@@ -57,7 +60,6 @@ class ThinkingUpstream:
         self.url = ""
         self.requests: list[dict] = []  # chat bodies, in arrival order
         self.verifier_requests: list[dict] = []
-        self.sent: dict[int, list[float]] = {}  # chat request number -> send time of each piece
         self.finished: dict[int, str] = {}  # chat request number -> "completed" | "disconnected"
         self.active = 0
         self.disconnects = 0
@@ -114,7 +116,6 @@ class ThinkingUpstream:
         usage_each = self.continuous_usage and opts.get("include_usage") and opts.get("continuous_usage_stats")
         prompt = self.prompt_tokens(req)
         rid, created = f"chatcmpl-think{n}", 1000 + n
-        times = self.sent[n] = []
         if not req.get("stream"):
             text = "".join(script[:limit])
             return await send_json(send, 200, {
@@ -155,7 +156,6 @@ class ThinkingUpstream:
             last = i == len(script) - 1 or sent >= limit
             finish = ("stop" if i == len(script) - 1 else "length") if last else None
             field = "reasoning" if thinking or (continuation and self.answer_as_reasoning) else "content"
-            times.append(time.monotonic())
             await event({field: piece}, finish, sent)
             if last:
                 break
@@ -171,6 +171,9 @@ class ThinkingUpstream:
         self.verifier_requests.append(req)
         if self.verifier_delay:
             await asyncio.sleep(self.verifier_delay)
+        t0 = time.monotonic()
+        while self.verifier_gate is not None and not self.verifier_gate.is_set() and time.monotonic() - t0 < 30:
+            await asyncio.sleep(0.005)
         if self.verifier_status:
             return await send_json(send, self.verifier_status, {"error": {"message": "fake verifier failure"}})
         prompts = req["prompt"] if isinstance(req["prompt"], list) else [req["prompt"]]
@@ -184,3 +187,4 @@ class ThinkingUpstream:
         await send_json(send, 200, {"id": "cmpl-v", "object": "text_completion", "created": 0, "model": self.model,
                                      "choices": choices, "usage": {"prompt_tokens": 1, "completion_tokens": 1,
                                                                    "total_tokens": 2}})
+        self.verifier_answered += 1

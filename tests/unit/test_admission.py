@@ -12,6 +12,15 @@ def make(c=1, q=2, t=5.0):
     return Admission(c, q, t, 1, Metrics())
 
 
+async def settle(cond, steps=1000):
+    """Let the loop run the other tasks until cond() holds (no sleeping for a guessed time)."""
+    for _ in range(steps):
+        if cond():
+            return True
+        await asyncio.sleep(0)
+    return cond()
+
+
 async def test_fifo_and_handover():
     adm = make(c=1, q=3)
     await adm.acquire()
@@ -20,12 +29,14 @@ async def test_fifo_and_handover():
     async def worker(i):
         await adm.acquire()
         order.append(i)
-        await asyncio.sleep(0.01)
+        await asyncio.sleep(0)
         adm.release()
 
-    tasks = [asyncio.create_task(worker(i)) for i in range(3)]
-    await asyncio.sleep(0.05)
-    assert adm.running == 1 and len(adm._waiters) == 3
+    tasks = []
+    for i in range(3):  # queued in this order
+        tasks.append(asyncio.create_task(worker(i)))
+        assert await settle(lambda: len(adm._waiters) == i + 1)
+    assert adm.running == 1
     adm.release()
     await asyncio.gather(*tasks)
     assert order == [0, 1, 2] and adm.running == 0
@@ -35,7 +46,7 @@ async def test_cancelled_waiter_leaves_no_trace():
     adm = make(c=1, q=3)
     await adm.acquire()
     t = asyncio.create_task(adm.acquire())
-    await asyncio.sleep(0.01)
+    assert await settle(lambda: len(adm._waiters) == 1)
     t.cancel()
     with pytest.raises(asyncio.CancelledError):
         await t
@@ -50,7 +61,7 @@ async def test_queue_bound_and_timeout():
     adm = make(c=1, q=1, t=0.05)
     await adm.acquire()
     waiter = asyncio.create_task(adm.acquire())
-    await asyncio.sleep(0.01)
+    assert await settle(lambda: len(adm._waiters) == 1)
     with pytest.raises(APIError) as full:
         await adm.acquire()
     assert full.value.status == 429 and full.value.code == "queue_full"

@@ -3,8 +3,10 @@ import asyncio
 import httpx
 
 from tests.support.fake_upstream import MODEL
+from tests.support.probes import metric, until
 
 CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+HOLD = {**CHAT, "stream": True, "fake_wait_gate": True}  # holds its slot until the test opens the gate
 
 
 def test_api_keys(upstream, make_gateway):
@@ -33,12 +35,12 @@ def test_queue_full_is_429_with_retry_after(upstream, make_gateway):
 
     async def scenario():
         async with httpx.AsyncClient(timeout=30) as c:
-            slow = {**CHAT, "fake_first_token_delay": 1.0}
-            running = asyncio.create_task(c.post(gw.url + "/v1/chat/completions", json=slow))
-            await asyncio.sleep(0.2)
+            running = asyncio.create_task(c.post(gw.url + "/v1/chat/completions", json=HOLD))
+            assert await until(lambda: upstream.active == 1)
             queued = asyncio.create_task(c.post(gw.url + "/v1/chat/completions", json=CHAT))
-            await asyncio.sleep(0.2)
+            assert await until(lambda: metric(gw.url, "leanserve_requests_queued") == 1)
             rejected = await c.post(gw.url + "/v1/chat/completions", json=CHAT)
+            upstream.gate.set()
             return await running, await queued, rejected
     running, queued, rejected = asyncio.run(scenario())
     assert running.status_code == 200 and queued.status_code == 200
@@ -52,10 +54,10 @@ def test_queue_timeout_is_429(upstream, make_gateway):
 
     async def scenario():
         async with httpx.AsyncClient(timeout=30) as c:
-            running = asyncio.create_task(c.post(gw.url + "/v1/chat/completions",
-                                                 json={**CHAT, "fake_first_token_delay": 1.5}))
-            await asyncio.sleep(0.2)
+            running = asyncio.create_task(c.post(gw.url + "/v1/chat/completions", json=HOLD))
+            assert await until(lambda: upstream.active == 1)
             late = await c.post(gw.url + "/v1/chat/completions", json=CHAT)
+            upstream.gate.set()
             return await running, late
     running, late = asyncio.run(scenario())
     assert running.status_code == 200

@@ -4,7 +4,7 @@ import asyncio
 import httpx
 
 from tests.support.fake_upstream import MODEL
-from tests.support.probes import metric, wait_for
+from tests.support.probes import metric, until, wait_for
 
 CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stream": True}
 
@@ -22,22 +22,26 @@ def test_disconnect_mid_stream_aborts_upstream(upstream, make_gateway):
     assert metric(gw.url, "leanserve_requests_in_flight") == 0
 
 
+def leave_once_upstream_has_it(gw, upstream, body):
+    """The client sends the request and goes away once the engine is working on it."""
+    async def scenario():
+        async with httpx.AsyncClient(timeout=30) as c:
+            req = asyncio.create_task(c.post(gw.url + "/v1/chat/completions", json=body))
+            assert await until(lambda: upstream.active == 1)
+            req.cancel()
+    asyncio.run(scenario())
+
+
 def test_disconnect_before_first_token_aborts_upstream(upstream, make_gateway):
     gw = make_gateway([upstream.url])
-    try:
-        httpx.post(gw.url + "/v1/chat/completions", json={**CHAT, "fake_first_token_delay": 30}, timeout=0.5)
-    except httpx.ReadTimeout:
-        pass
+    leave_once_upstream_has_it(gw, upstream, {**CHAT, "fake_first_token_delay": 30})
     assert wait_for(lambda: upstream.disconnects == 1 and upstream.active == 0)
+    assert wait_for(lambda: metric(gw.url, "leanserve_client_disconnects_total", phase="waiting") == 1)
 
 
 def test_disconnect_non_stream_aborts_upstream(upstream, make_gateway):
     gw = make_gateway([upstream.url])
-    try:
-        httpx.post(gw.url + "/v1/chat/completions", json={**CHAT, "stream": False, "fake_first_token_delay": 30},
-                   timeout=0.5)
-    except httpx.ReadTimeout:
-        pass
+    leave_once_upstream_has_it(gw, upstream, {**CHAT, "stream": False, "fake_first_token_delay": 30})
     assert wait_for(lambda: upstream.disconnects == 1 and upstream.active == 0)
 
 
@@ -47,13 +51,13 @@ def test_disconnect_while_queued_frees_the_place(upstream, make_gateway):
     async def scenario():
         async with httpx.AsyncClient(timeout=30) as c:
             hold = asyncio.create_task(c.post(gw.url + "/v1/chat/completions",
-                                              json={**CHAT, "max_tokens": 2, "fake_first_token_delay": 1.5}))
-            await asyncio.sleep(0.3)
-            try:
-                await c.post(gw.url + "/v1/chat/completions", json={**CHAT, "max_tokens": 2}, timeout=0.3)
-            except httpx.ReadTimeout:
-                pass
-            assert wait_for(lambda: metric(gw.url, "leanserve_requests_queued") == 0)
+                                              json={**CHAT, "max_tokens": 2, "fake_wait_gate": True}))
+            assert await until(lambda: upstream.active == 1)
+            queued = asyncio.create_task(c.post(gw.url + "/v1/chat/completions", json={**CHAT, "max_tokens": 2}))
+            assert await until(lambda: metric(gw.url, "leanserve_requests_queued") == 1)
+            queued.cancel()  # the client leaves while queued
+            assert await until(lambda: metric(gw.url, "leanserve_requests_queued") == 0)
+            upstream.gate.set()
             r = await hold
             assert r.status_code == 200
     asyncio.run(scenario())

@@ -1,10 +1,10 @@
 """Least-in-flight routing over healthy replicas; failover only while nothing reached the client."""
 import asyncio
-import time
 
 import httpx
 
 from tests.support.fake_upstream import MODEL
+from tests.support.probes import until, wait_for
 from tests.support.servers import free_port
 
 CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
@@ -16,10 +16,16 @@ def test_least_in_flight_spreads_concurrent_requests(make_upstream, make_gateway
 
     async def burst():
         async with httpx.AsyncClient(timeout=30) as c:
-            rs = await asyncio.gather(*[c.post(gw.url + "/v1/chat/completions",
-                                               json={**CHAT, "fake_first_token_delay": 0.5}) for _ in range(6)])
+            held = {**CHAT, "stream": True, "fake_wait_gate": True}  # each stays in flight until the gates open
+            tasks = [asyncio.create_task(c.post(gw.url + "/v1/chat/completions", json=held)) for _ in range(6)]
+            assert await until(lambda: a.active + b.active == 6)
+            spread = (a.active, b.active)
+            a.gate.set()
+            b.gate.set()
+            rs = await asyncio.gather(*tasks)
         assert all(r.status_code == 200 for r in rs)
-    asyncio.run(burst())
+        return spread
+    assert asyncio.run(burst()) == (3, 3)
     assert (len(a.requests), len(b.requests)) == (3, 3)
 
 
@@ -53,20 +59,22 @@ def test_all_replicas_failing_returns_last_error(make_upstream, make_gateway):
     assert r.status_code == 500 and r.json()["error"]["message"] == "fake failure 500"
 
 
+def health(gw) -> list[bool]:
+    return [e["healthy"] for e in httpx.get(gw.url + "/ready").json()["engines"]]
+
+
 def test_health_probes_track_replicas(make_upstream, make_gateway):
     a, b = make_upstream(), make_upstream()
     gw = make_gateway([a.url, b.url])
     a.healthy = False
-    time.sleep(0.8)
-    ready = httpx.get(gw.url + "/ready").json()
-    assert [e["healthy"] for e in ready["engines"]] == [False, True]
+    assert wait_for(lambda: health(gw) == [False, True])
     for _ in range(4):
         assert httpx.post(gw.url + "/v1/chat/completions", json=CHAT).status_code == 200
     assert len(a.requests) == 0 and len(b.requests) == 4
     a.healthy = False
     b.healthy = False
-    time.sleep(0.8)
+    assert wait_for(lambda: health(gw) == [False, False])
     assert httpx.post(gw.url + "/v1/chat/completions", json=CHAT).status_code == 503
     a.healthy = True
-    time.sleep(0.8)
+    assert wait_for(lambda: health(gw) == [True, False])
     assert httpx.post(gw.url + "/v1/chat/completions", json=CHAT).status_code == 200

@@ -3,7 +3,8 @@ import random
 
 import pytest
 
-from server.trimming.policy import CHARS_PER_TOKEN, Action, ThoughtTrimmer, TrimConfig, TrimState, estimate_tokens
+from server.trimming.policy import (CHARS_PER_TOKEN, Action, ThoughtTrimmer, TrimConfig, TrimConfigError, TrimState,
+                                    estimate_tokens)
 from server.trimming.rule_verifier import RuleVerifier, Verifier
 from server.trimming.segment import Thought
 
@@ -202,3 +203,24 @@ def test_rule_verifier_sync_and_async():
     assert v.agree("1/2", "0.5") and not v.agree("1/2", None)
     assert asyncio.run(v.answers(["So the answer is 4.", "no"])) == ["4", None]
     assert asyncio.run(v.agreements([("4", "4.0"), ("4", "5")])) == [True, False]
+
+
+def test_request_trim_is_one_config_with_the_budget_in_it():
+    c = TrimConfig.from_request({"consistency": 3, "thinking_budget": 50, "verifier": "model"})
+    assert (c.consistency, c.thinking_budget, c.verifier, c.max_thoughts) == (3, 50, "model", 100)
+    assert TrimConfig.from_request(True) == TrimConfig() and not TrimConfig.from_request(False).enabled
+    for spec, field in [({"consistency": True}, "consistency"), ({"thinking_budget": 1.5}, "thinking_budget"),
+                        ({"markers": []}, "markers"), ({"verifier": "oracle"}, "verifier")]:
+        with pytest.raises(TrimConfigError) as e:
+            TrimConfig.from_request(spec)
+        assert e.value.field == field
+
+
+def test_a_caller_that_counts_tokens_gets_no_estimated_budget_cut():
+    async def go():
+        trimmer = ThoughtTrimmer(TrimConfig(thinking_budget=2), estimate_budget=False)
+        d = await trimmer.feed("<think>" + "a long thought without any answer " * 5)
+        assert not d.cut  # ~40 estimated tokens, but the caller has not reported any
+        return trimmer.state.observe_budget(2, None)
+    d = asyncio.run(go())
+    assert d.cut and d.reason == "thinking_budget" and d.keep_upto is None
