@@ -31,6 +31,7 @@ nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,power.draw,temperature.gpu -
 if [ -n "${LEANSERVE_GPU_QUICK:-}" ]; then
     step top_h 300 $PY -m kernels.top_h.bench --check --sizes 1x3000,4x5000 --out "$OUT/top_h.json"
     step sparse24 300 $PY -m kernels.sparse24.bench --sizes small --out "$OUT/sparse24.json"
+    step retention 300 $PY -m kernels.retention.bench --quick --check --out "$OUT/retention.json"
     exit $status
 fi
 
@@ -41,4 +42,6 @@ step top_h_bf16 100 $PY -m kernels.top_h.bench --check --dtype bfloat16 \
     --sizes 1x152064,256x152064 --out "$OUT/top_h_bf16.json"
 # 2:4 GEMM: ours (GEMV and tl.dot paths) vs cuBLAS dense and cuSPARSELt, (N, K) x M grid, with errors.
 step sparse24 240 $PY -m kernels.sparse24.bench --out "$OUT/sparse24.json"
+# Retention: ring compaction (Triton) vs batched torch topk + gather; capacity sum vs materialised T x T.
+step retention 150 $PY -m kernels.retention.bench --check --out "$OUT/retention.json"
 exit $status

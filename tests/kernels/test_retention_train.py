@@ -81,3 +81,38 @@ def test_unsupported_architecture_is_refused_before_loading(tmp_path):
 def test_sequence_must_exceed_four_budgets(tiny_dir, tmp_path):
     with pytest.raises(ValueError, match="at least 4x"):
         T.Trainer(config(tiny_dir, tmp_path, seq_len=63), progress=False)
+
+
+def test_cli_trains_then_evaluates_the_tiny_model(tiny_dir, tmp_path, capsys):
+    from server.cli import main
+
+    gates = tmp_path / "gates"
+    assert main(["train-gates", str(tiny_dir), str(gates), "--text", f"{TEXT}@0:0.05", "--budget", "16",
+                 "--seq-len", "64", "--steps", "3", "--gate-width", "8", "--quiet"]) == 0
+    out = tmp_path / "kv.json"
+    assert main(["eval", "kv", str(tiny_dir), "--gates", str(gates), "--budgets", "16", "200", "--buffer", "8",
+                 "--text", f"{TEXT}@0.5:0.6", "--seq-len", "160", "--max-seqs", "2", "--json", str(out),
+                 "--plot", str(tmp_path / "kv.png"), "--quiet"]) == 0
+    rows = json.loads(out.read_text())
+    assert {(r["method"], r["budget"]) for r in rows} == {("full", 0)} | {
+        (m, b) for m in ("retention", "streaming", "h2o", "snapkv") for b in (16, 200)}
+    full = next(r for r in rows if r["method"] == "full")
+    for r in rows:
+        assert r["tokens"] == 2 * 159 and r["kl"] >= -1e-6
+        if r["budget"] == 200:  # budget beyond the sequence: exactly the full model
+            assert r["kl"] < 1e-6 and r["ppl"] == pytest.approx(full["ppl"], rel=1e-5)
+        elif r["method"] != "full":
+            assert r["kl"] > 1e-4  # eviction happened and changed the predictions
+    assert "| retention | 16 |" in capsys.readouterr().out
+    assert (tmp_path / "kv.png").stat().st_size > 1000
+
+
+def test_cli_errors_are_one_line(tiny_dir, tmp_path, capsys):
+    from server.cli import main
+
+    assert main(["eval", "kv", str(tmp_path / "nope")]) == 1
+    assert main(["eval", "kv", str(tiny_dir)]) == 1  # no gates shipped for this model, none given
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and "pass --gates DIR" in err[1]
+    with pytest.raises(SystemExit):
+        main(["train-gates", str(tiny_dir), str(tmp_path / "o"), "--text", str(tmp_path / "missing.txt")])
