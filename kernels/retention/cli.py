@@ -81,6 +81,12 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cap-weight", type=float, default=1.0, help="weight of the capacity loss [1]")
     p.add_argument("--checkpoint-every", type=int, default=25, help="save the training state every N steps [25]")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--init-from", default="", metavar="GATES_DIR",
+                   help="start from these gates instead of a fresh initialisation (e.g. to continue on longer "
+                        "sequences)")
+    p.add_argument("--recompute", action="store_true",
+                   help="recompute each layer in the backward pass instead of storing its attention "
+                        "(less memory for long --seq-len, about 30%% more time)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -100,10 +106,12 @@ def train_main(args) -> int:
                       budget=args.budget, buffer=args.buffer, seq_len=args.seq_len, batch=args.batch,
                       steps=args.steps, lr=args.lr, warmup=args.warmup, gate_width=args.gate_width,
                       bias_init=args.bias_init, cap_weight=args.cap_weight,
-                      checkpoint_every=args.checkpoint_every, seed=args.seed, threads=args.threads)
+                      checkpoint_every=args.checkpoint_every, seed=args.seed, threads=args.threads,
+                      init_from=str(Path(args.init_from).resolve()) if args.init_from else "",
+                      recompute=args.recompute)
     try:
         Trainer(cfg, progress=not args.quiet).run()
-    except (ValueError, OSError) as e:
+    except (ValueError, OSError) as e:  # GateError is a ValueError
         return _fail(str(e))
     return 0
 
@@ -118,6 +126,9 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--buffer", type=int, default=128, help="eviction buffer B [128]")
     p.add_argument("--methods", nargs="+", default=["retention", "streaming", "h2o", "snapkv"],
                    choices=["retention", "streaming", "h2o", "snapkv"], help="policies to compare")
+    p.add_argument("--sinks", type=int, default=4,
+                   help="first positions the retention and streaming policies always keep (0: the TRIM-KV "
+                        "authors' rule for retention) [4]")
     p.add_argument("--text", action="append", type=_text_arg, default=None, metavar="PATH[@A:B]",
                    help="evaluation text (repeatable, as for train-gates); default: "
                         + " and ".join(DEFAULT_EVAL_TEXTS) + " (held out from the shipped gates' training)")
@@ -171,9 +182,11 @@ def eval_main(args) -> int:
         if not seqs:
             return _fail(f"{name} has no sequence of {args.seq_len} tokens")
         texts[name] = [torch.from_numpy(s) for s in seqs]
+    if args.sinks < 0:
+        return _fail("--sinks must be >= 0")
     rows = evaluate(Parts(model), gates, texts, sorted(args.budgets), args.buffer, args.methods,
-                    progress=not args.quiet)
-    print(format_table(rows, args.buffer))
+                    progress=not args.quiet, sinks=args.sinks)
+    print(format_table(rows, args.buffer, args.sinks))
     if args.json:
         Path(args.json).write_text(json.dumps([r.__dict__ for r in rows], indent=1) + "\n")
     if args.plot:
@@ -181,8 +194,8 @@ def eval_main(args) -> int:
     return 0
 
 
-def format_table(rows, buffer: int) -> str:
-    out = [f"| text | method | budget M (buffer {buffer}) | perplexity | KL(full ‖ bounded) | tokens |",
+def format_table(rows, buffer: int, sinks: int) -> str:
+    out = [f"| text | method (sinks {sinks}) | budget M (buffer {buffer}) | perplexity | KL(full ‖ bounded) | tokens |",
            "|---|---|---:|---:|---:|---:|"]
     for r in rows:
         out.append(f"| {r.text} | {r.method} | {r.budget or '∞'} | {r.ppl:.3f} | {r.kl:.4f} | {r.tokens} |")

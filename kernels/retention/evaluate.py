@@ -37,7 +37,8 @@ def _nll_kl(full_logp: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor)
 
 
 def evaluate(parts: Parts, gates: GateSet | None, texts: dict[str, list[torch.Tensor]], budgets: list[int],
-             buffer: int, methods: list[str], progress: bool = True) -> list[Row]:
+             buffer: int, methods: list[str], progress: bool = True, sinks: int = 4) -> list[Row]:
+    """sinks: first positions the retention and streaming policies always keep."""
     rows = []
     jobs = [(name, m, b) for name in texts for m in methods for b in budgets]
     bar = None
@@ -62,7 +63,8 @@ def evaluate(parts: Parts, gates: GateSet | None, texts: dict[str, list[torch.Te
                 t0 = time.perf_counter()
                 nll = kl = 0.0
                 for ids, logp in zip(seqs, full):
-                    cache = BoundedCache(parts.num_layers, budget, buffer, make_policy(method))
+                    kw = {"sinks": sinks} if method in ("retention", "streaming") else {}
+                    cache = BoundedCache(parts.num_layers, budget, buffer, make_policy(method, **kw))
                     lm = BoundedLM(parts, cache, gates if method == "retention" else None)
                     a, b = _nll_kl(logp, lm.feed(ids), ids[1:])
                     nll, kl = nll + a, kl + b

@@ -37,6 +37,7 @@ class GateMeta:
     model_config_sha256: str = ""  # of the model's config.json, to refuse a mismatched model
     budget: int = 0                # training budget M (tokens per layer and KV head)
     buffer: int = 0                # eviction buffer the gates are meant to be served with
+    sinks: int = 4                 # first positions always kept when serving (reference.py)
     training: dict = field(default_factory=dict)  # data, steps, sequence length, losses, wall time
 
     def check_model(self, hidden_size: int, num_layers: int, num_kv_heads: int) -> None:

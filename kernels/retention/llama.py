@@ -68,27 +68,42 @@ class Parts:
 
 
 def forward_full(parts: Parts, ids: torch.Tensor, gates: GateSet | None = None, bias: bool = False,
-                 want_logits: bool = True):
-    """ids [B, T]. Returns (logits [B, T, V] or final hidden states, [log beta [B, Hkv, T] per layer])."""
+                 want_logits: bool = True, checkpoint: bool = False):
+    """ids [B, T]. Returns (logits [B, T, V] or final hidden states, [log beta [B, Hkv, T] per layer]).
+    checkpoint: recompute each layer in the backward pass instead of storing its T x T attention
+    (training on long sequences)."""
     b, t_len = ids.shape
     h = parts.embed(ids)
     positions = torch.arange(t_len, device=ids.device).unsqueeze(0).expand(b, -1)
     cos, sin = parts.rope(h, positions)
     g = parts.hq // parts.hkv
     log_betas = []
-    for i, layer in enumerate(parts.layers):
+
+    def layer_fn(i, h):
+        layer = parts.layers[i]
         x = layer.input_layernorm(h)
         q, k, v = parts.qkv(layer, x, cos, sin)
-        if gates is not None:
-            lb = gates[i](x).transpose(1, 2)                        # [B, Hkv, T]
-            log_betas.append(lb)
-        if gates is not None and bias:
+        lb = gates[i](x).transpose(1, 2) if gates is not None else None   # [B, Hkv, T]
+        if lb is not None and bias:
             mask = retention_bias(lb).repeat_interleave(g, 1).to(q.dtype)  # [B, Hq, T, T]
             attn = F.scaled_dot_product_attention(q, k.repeat_interleave(g, 1), v.repeat_interleave(g, 1),
                                                   attn_mask=mask, scale=parts.scale)
         else:
             attn = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=parts.scale, enable_gqa=True)
-        h = parts.finish(layer, h, attn)
+        out = parts.finish(layer, h, attn)
+        return out if lb is None else (out, lb)
+
+    for i in range(parts.num_layers):
+        if checkpoint and torch.is_grad_enabled():
+            from torch.utils.checkpoint import checkpoint as ckpt
+            res = ckpt(layer_fn, i, h, use_reentrant=False)
+        else:
+            res = layer_fn(i, h)
+        if gates is not None:
+            h, lb = res
+            log_betas.append(lb)
+        else:
+            h = res
     return (parts.logits(h) if want_logits else h), log_betas
 
 

@@ -75,24 +75,24 @@ def capacity_sum(log_beta: torch.Tensor) -> torch.Tensor:
     return s.reshape(shape)
 
 
-def compact_(k, v, pos, log_beta, count, t, m: int):
+def compact_(k, v, pos, log_beta, count, t, m: int, sinks: int = 0):
     """In place: each head of ring r keeps its top-min(m, count_r) retention scores among slots
-    [0, count_r), moved to the front in position order. k, v [R, H, C, D]; pos, log_beta [R, H, C];
-    count, t [R] (int). Returns the new counts [R]."""
+    [0, count_r) (positions below `sinks` score +inf), moved to the front in position order.
+    k, v [R, H, C, D]; pos, log_beta [R, H, C]; count, t [R] (int). Returns the new counts [R]."""
     if k.is_cuda:
         from .triton_compact import compact_triton_
-        return compact_triton_(k, v, pos, log_beta, count, t, m)
-    return compact_torch_(k, v, pos, log_beta, count, t, m)
+        return compact_triton_(k, v, pos, log_beta, count, t, m, sinks)
+    return compact_torch_(k, v, pos, log_beta, count, t, m, sinks)
 
 
-def compact_torch_(k, v, pos, log_beta, count, t, m: int):
+def compact_torch_(k, v, pos, log_beta, count, t, m: int, sinks: int = 0):
     """The CPU path: one batched top-k over every ring and head, then gathers (no per-ring loop).
     Slots past count_r score -inf so they are never chosen before valid ones; rings with
     count_r <= m keep everything in place."""
     r, h, c = pos.shape
     slot = torch.arange(c, device=pos.device)
     valid = slot[None, None, :] < count[:, None, None]
-    s = retention_scores(log_beta, pos, t).masked_fill(~valid, float("-inf"))
+    s = retention_scores(log_beta, pos, t, sinks).masked_fill(~valid, float("-inf"))
     keep = top_m_slots(s, m)                                           # [R, H, m] ascending, ties: newer
     kk = keep.shape[-1]
     small = count <= m

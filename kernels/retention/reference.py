@@ -9,7 +9,11 @@ at the points where the cache reaches C, so the result depends only on the token
 how the tokens were batched.
 
 Policies at the same budget:
-* retention (TRIM-KV): score_i = log beta_i * (t - i), t = tokens seen + 1 (the authors' q_idx);
+* retention (TRIM-KV): score_i = log beta_i * (t - i), t = tokens seen + 1 (the authors' q_idx); the first
+  `sinks` positions (default 4) score +inf. The authors' rule is sinks = 0; on the default model the
+  trained gates let the first tokens decay (log beta ~ -2e-4, enough for the soft training objective)
+  and the hard top-M then drops them at a few thousand tokens, which costs far more than the same
+  gates with the sinks kept (BENCHMARKS.md, retention);
 * streaming (StreamingLLM): the first `sinks` positions, then the most recent;
 * h2o: attention received, summed over every query since the token arrived (and over the query
   heads sharing the KV head); the `recent` newest tokens are always kept;
@@ -29,12 +33,16 @@ INF = float("inf")
 
 # ----------------------------------------------------------------------------- scores and selection
 
-def retention_scores(log_beta: torch.Tensor, pos: torch.Tensor, t) -> torch.Tensor:
-    """log beta_i * (t - pos_i), float32; t broadcasts against the leading dims."""
+DEFAULT_SINKS = 4
+
+
+def retention_scores(log_beta: torch.Tensor, pos: torch.Tensor, t, sinks: int = 0) -> torch.Tensor:
+    """log beta_i * (t - pos_i), float32, and +inf for pos_i < sinks; t broadcasts against the leading dims."""
     t = torch.as_tensor(t, device=log_beta.device)
     if t.dim():
         t = t.reshape(t.shape + (1,) * (log_beta.dim() - t.dim()))
-    return log_beta.float() * (t - pos).float()
+    s = log_beta.float() * (t - pos).float()
+    return s.masked_fill(pos < sinks, INF) if sinks > 0 else s
 
 
 def top_m_slots(scores: torch.Tensor, m: int, count: int | None = None) -> torch.Tensor:
@@ -49,11 +57,12 @@ def top_m_slots(scores: torch.Tensor, m: int, count: int | None = None) -> torch
 
 
 def compact_reference(k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, log_beta: torch.Tensor,
-                      count: torch.Tensor, t: torch.Tensor, m: int):
+                      count: torch.Tensor, t: torch.Tensor, m: int, sinks: int = 0):
     """Compaction of a batch of rings by retention score (what the Triton kernel does in place).
 
     k, v [R, H, C, D]; pos [R, H, C] (int); log_beta [R, H, C]; count [R] valid slots per ring
-    (the same for every head); t [R]. Each head of ring r keeps its top-min(m, count_r) slots of
+    (the same for every head); t [R]; positions below `sinks` always stay. Each head of ring r keeps its
+    top-min(m, count_r) slots of
     [0, count_r), moved to the front in position order; slots after them are left as they were.
     Returns new (k, v, pos, log_beta, new_count).
     """
@@ -61,7 +70,7 @@ def compact_reference(k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, log_b
     new_count = torch.minimum(count, torch.full_like(count, m))
     for r in range(k.shape[0]):
         n = int(count[r])
-        keep = top_m_slots(retention_scores(log_beta[r], pos[r], t[r]), m, n)  # [H, k]
+        keep = top_m_slots(retention_scores(log_beta[r], pos[r], t[r], sinks), m, n)  # [H, k]
         kk = keep.shape[-1]
         idx = keep.unsqueeze(-1).expand(-1, -1, k.shape[-1])
         k[r, :, :kk] = k[r].gather(1, idx)
@@ -124,10 +133,11 @@ class Policy:
 
 @dataclass
 class RetentionPolicy(Policy):
+    sinks: int = DEFAULT_SINKS
     name = "retention"
 
     def score(self, layer, t):
-        return retention_scores(layer.log_beta, layer.pos, t)
+        return retention_scores(layer.log_beta, layer.pos, t, self.sinks)
 
 
 @dataclass
@@ -290,7 +300,7 @@ def make_policy(name: str, **kw) -> Policy:
 
 def unbounded(num_layers: int) -> BoundedCache:
     """A cache that never compacts (full attention through the same code path)."""
-    return BoundedCache(num_layers, budget=1 << 40, buffer=1, policy=RetentionPolicy())
+    return BoundedCache(num_layers, budget=1 << 40, buffer=1, policy=RetentionPolicy(sinks=0))
 
 
 __all__ = ["retention_scores", "top_m_slots", "compact_reference", "capacity_sum_reference", "capacity_loss",

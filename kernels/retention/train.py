@@ -48,6 +48,8 @@ class TrainConfig:
     cap_weight: float = 1.0
     checkpoint_every: int = 25
     seed: int = 0
+    init_from: str = ""              # start from these gates (e.g. trained on shorter sequences)
+    recompute: bool = False          # recompute layers in the backward pass (long sequences)
     threads: int = 0
 
     def check(self) -> None:
@@ -60,7 +62,7 @@ class TrainConfig:
 
     def same_run(self, other: dict) -> list[str]:
         """Fields that differ from a saved run's config (what may not change on resume)."""
-        fixed = ("model_dir", "budget", "seq_len", "batch", "gate_width", "bias_init", "seed", "sources")
+        fixed = ("model_dir", "budget", "seq_len", "batch", "gate_width", "bias_init", "seed", "sources", "init_from")
         return [k for k in fixed if other.get(k) != asdict(self)[k]]
 
 
@@ -71,12 +73,13 @@ def lr_at(cfg: TrainConfig, step: int) -> float:
     return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0))))
 
 
-def losses(parts: Parts, gates: GateSet, ids: torch.Tensor, budget: int) -> dict[str, torch.Tensor]:
+def losses(parts: Parts, gates: GateSet, ids: torch.Tensor, budget: int,
+           recompute: bool = False) -> dict[str, torch.Tensor]:
     with torch.no_grad():
         teacher, _ = forward_full(parts, ids)
         t_logp = F.log_softmax(teacher[:, :-1].float(), -1)
         del teacher
-    student, log_betas = forward_full(parts, ids, gates, bias=True)
+    student, log_betas = forward_full(parts, ids, gates, bias=True, checkpoint=recompute)
     s_logp = F.log_softmax(student[:, :-1].float(), -1)
     del student
     ce = F.nll_loss(s_logp.flatten(0, 1), ids[:, 1:].flatten())
@@ -128,7 +131,16 @@ class Trainer:
                         bias_init=cfg.bias_init, model=Path(cfg.model_dir).name,
                         model_config_sha256=config_sha256(cfg.model_dir), budget=cfg.budget, buffer=cfg.buffer)
         torch.manual_seed(cfg.seed)
-        return GateSet(meta)
+        gates = GateSet(meta)
+        if cfg.init_from:
+            start = GateSet.load(cfg.init_from)
+            start.meta.check_model(meta.hidden_size, meta.num_layers, meta.num_kv_heads)
+            if start.meta.intermediate_size != cfg.gate_width:
+                raise ValueError(f"--init-from gates have width {start.meta.intermediate_size}, not {cfg.gate_width}")
+            gates.load_state_dict(start.state_dict())
+            meta.training = {"init_from": {"model": start.meta.model, "budget": start.meta.budget,
+                                           "training": start.meta.training}}
+        return gates
 
     # ---- run ----------------------------------------------------------------------------------
     def run(self) -> GateSet:
@@ -177,7 +189,7 @@ class Trainer:
                 t0 = time.perf_counter()
                 for g in opt.param_groups:
                     g["lr"] = lr_at(cfg, step)
-                parts_ = losses(parts, gates, self.batch(pools, step), cfg.budget)
+                parts_ = losses(parts, gates, self.batch(pools, step), cfg.budget, cfg.recompute)
                 loss = parts_["task"] + cfg.cap_weight * parts_["cap"]
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -202,10 +214,12 @@ class Trainer:
             self.log(f"stopped at step {step}/{cfg.steps}; run the same command again to resume")
             return gates
         meta.training = {
+            **meta.training,
             "steps": step, "seq_len": cfg.seq_len, "batch": cfg.batch, "lr": cfg.lr, "warmup": cfg.warmup,
             "cap_weight": cfg.cap_weight, "seed": cfg.seed, "wall_seconds": round(seconds, 1),
             "threads": torch.get_num_threads(),
-            "sources": [{**s, "path": Path(s["path"]).name} for s in cfg.sources],
+            "sources": [{k: (Path(v).name if k in ("path", "exclude_ids_from") else v) for k, v in s.items()}
+                        for s in cfg.sources],
             "final": {k: round(float(np.mean([h[k] for h in history[-20:]])), 5) for k in ("loss", "ce", "kl", "cap")},
         }
         gates.meta = meta

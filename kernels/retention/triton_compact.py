@@ -1,8 +1,8 @@
 """Ring compaction as one Triton program per (ring, KV head): score, top-M selection, in-place gather.
 
 Per program:
-  1. score_i = log_beta_i * (t - pos_i) for the valid slots i < count (float32, as reference.py),
-     mapped to an order-preserving uint32 key;
+  1. score_i = log_beta_i * (t - pos_i) for the valid slots i < count (float32, as reference.py;
+     +inf for pos_i < SINKS), mapped to an order-preserving uint32 key;
   2. the M-th largest key by a bitwise search (32 passes, each a count over the row in blocks),
      then the keys above it and, of the keys equal to it, those in the largest slots (ties keep the
      newer token), so the kept set equals reference.top_m_slots;
@@ -22,11 +22,12 @@ import triton.language as tl
 
 
 @triton.jit
-def _keys(pos_ptr, lb_ptr, base_p, base_l, sp_c, sl_c, slots, n, t):
+def _keys(pos_ptr, lb_ptr, base_p, base_l, sp_c, sl_c, slots, n, t, sinks):
     valid = slots < n
     pos = tl.load(pos_ptr + base_p + slots * sp_c, mask=valid, other=0)
     lb = tl.load(lb_ptr + base_l + slots * sl_c, mask=valid, other=0.0)
     score = lb.to(tl.float32) * (t - pos.to(tl.float32))
+    score = tl.where(pos < sinks, float("inf"), score)
     bits = score.to(tl.int32, bitcast=True)
     key = (bits ^ ((bits >> 31) & 0x7FFFFFFF)).to(tl.uint32, bitcast=True) ^ 0x80000000
     return tl.where(valid, key, 0), valid, pos, lb
@@ -35,7 +36,7 @@ def _keys(pos_ptr, lb_ptr, base_p, base_l, sp_c, sl_c, slots, n, t):
 @triton.jit
 def _compact_kernel(k_ptr, v_ptr, pos_ptr, lb_ptr, count_ptr, t_ptr,
                     sk_r, sk_h, sk_c, sk_d, sv_r, sv_h, sv_c, sv_d, sp_r, sp_h, sp_c, sl_r, sl_h, sl_c,
-                    H, D, M, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
+                    H, D, M, sinks, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
     pid = tl.program_id(0)
     r = (pid // H).to(tl.int64)
     h = (pid % H).to(tl.int64)
@@ -51,13 +52,13 @@ def _compact_kernel(k_ptr, v_ptr, pos_ptr, lb_ptr, count_ptr, t_ptr,
         cand = thr | (tl.full((), 1, tl.uint32) << b)
         cnt = tl.zeros((), dtype=tl.int32)
         for c0 in range(0, n, BLOCK):
-            key, valid, _, _ = _keys(pos_ptr, lb_ptr, base_p, base_l, sp_c, sl_c, c0 + offs, n, t)
+            key, valid, _, _ = _keys(pos_ptr, lb_ptr, base_p, base_l, sp_c, sl_c, c0 + offs, n, t, sinks)
             cnt += tl.sum((valid & (key >= cand)).to(tl.int32), axis=0)
         thr = tl.where(cnt >= m_eff, cand, thr)
     n_above = tl.zeros((), dtype=tl.int32)
     n_tie = tl.zeros((), dtype=tl.int32)
     for c0 in range(0, n, BLOCK):
-        key, valid, _, _ = _keys(pos_ptr, lb_ptr, base_p, base_l, sp_c, sl_c, c0 + offs, n, t)
+        key, valid, _, _ = _keys(pos_ptr, lb_ptr, base_p, base_l, sp_c, sl_c, c0 + offs, n, t, sinks)
         n_above += tl.sum((valid & (key > thr)).to(tl.int32), axis=0)
         n_tie += tl.sum((valid & (key == thr)).to(tl.int32), axis=0)
     need = m_eff - n_above          # ties to keep: those in the `need` largest tie slots
@@ -67,7 +68,7 @@ def _compact_kernel(k_ptr, v_ptr, pos_ptr, lb_ptr, count_ptr, t_ptr,
     offs_d = tl.arange(0, BLOCK_D)
     for c0 in range(0, n, BLOCK):
         slots = c0 + offs
-        key, valid, pos, lb = _keys(pos_ptr, lb_ptr, base_p, base_l, sp_c, sl_c, slots, n, t)
+        key, valid, pos, lb = _keys(pos_ptr, lb_ptr, base_p, base_l, sp_c, sl_c, slots, n, t, sinks)
         tie = (valid & (key == thr)).to(tl.int32)
         ties_after = n_tie - ties_seen - tl.cumsum(tie, axis=0)      # ties in larger slots
         keep_i = ((valid & (key > thr)).to(tl.int32) | ((tie > 0) & (ties_after < need)).to(tl.int32)
@@ -90,12 +91,12 @@ def _compact_kernel(k_ptr, v_ptr, pos_ptr, lb_ptr, count_ptr, t_ptr,
         ties_seen += tl.sum(tie, axis=0)
 
 
-def compact_triton_(k, v, pos, log_beta, count, t, m: int):
+def compact_triton_(k, v, pos, log_beta, count, t, m: int, sinks: int = 0):
     """See ops.compact_. k, v [R, H, C, D] (any strides); pos, log_beta [R, H, C]; count, t [R]."""
     r, h, c, d = k.shape
     block = min(256, triton.next_power_of_2(max(c, 16)))
     block_d = min(64, triton.next_power_of_2(d))
     _compact_kernel[(r * h,)](k, v, pos, log_beta, count, t,
                               *k.stride(), *v.stride(), *pos.stride(), *log_beta.stride(),
-                              h, d, m, BLOCK=block, BLOCK_D=block_d, num_warps=4)
+                              h, d, m, sinks, BLOCK=block, BLOCK_D=block_d, num_warps=4)
     return torch.minimum(count, torch.full_like(count, m))

@@ -28,22 +28,23 @@ def rings(r, h, c, d, seed, ties=False, counts=None):
     return kv, pos, lb, count, t
 
 
-CASES = [  # (rings, heads, capacity, head dim, budget, ties, counts)
-    (3, 2, 37, 5, 11, False, None),
-    (2, 3, 300, 64, 129, True, [300, 211]),
-    (4, 1, 65, 3, 64, True, [65, 64, 10, 1]),      # counts at, below and far below the budget
-    (1, 2, 8, 16, 8, False, None),
+CASES = [  # (rings, heads, capacity, head dim, budget, ties, counts, sinks)
+    (3, 2, 37, 5, 11, False, None, 0),
+    (2, 3, 300, 64, 129, True, [300, 211], 4),
+    (4, 1, 65, 3, 64, True, [65, 64, 10, 1], 0),   # counts at, below and far below the budget
+    (1, 2, 8, 16, 8, False, None, 0),
+    (2, 2, 50, 4, 7, True, None, 40),              # more sinks than budget: the newest sinks win
 ]
 
 
-@pytest.mark.parametrize("r,h,c,d,m,ties,counts", CASES)
+@pytest.mark.parametrize("r,h,c,d,m,ties,counts,sinks", CASES)
 @pytest.mark.parametrize("impl", ["triton", "torch"])
-def test_compaction_matches_reference(r, h, c, d, m, ties, counts, impl):
+def test_compaction_matches_reference(r, h, c, d, m, ties, counts, sinks, impl):
     kv, pos, lb, count, t = rings(r, h, c, d, seed=c, ties=ties, counts=counts)
-    want = compact_reference(kv[..., :d], kv[..., d:], pos, lb, count, t, m)
+    want = compact_reference(kv[..., :d], kv[..., d:], pos, lb, count, t, m, sinks)
     kv2, pos2, lb2 = kv.clone(), pos.clone(), lb.clone()
     fn = compact_triton_ if impl == "triton" else ops.compact_torch_
-    new_count = fn(kv2[..., :d], kv2[..., d:], pos2, lb2, count, t, m)  # strided views, in place
+    new_count = fn(kv2[..., :d], kv2[..., d:], pos2, lb2, count, t, m, sinks)  # strided views, in place
     assert torch.equal(new_count, want[4])
     for r_ in range(r):
         n = int(want[4][r_])
@@ -53,6 +54,13 @@ def test_compaction_matches_reference(r, h, c, d, m, ties, counts, impl):
         assert torch.equal(lb2[r_, :, :n], want[3][r_, :, :n])
         if count[r_] <= m:  # nothing moves
             assert torch.equal(kv2[r_], kv[r_]) and torch.equal(pos2[r_], pos[r_])
+    if sinks:  # every kept head holds the positions below `sinks` it had (up to the budget)
+        for r_ in range(r):
+            for hh in range(h):
+                n = int(want[4][r_])
+                low = pos[r_, hh, : int(count[r_])]
+                low = low[low < sinks]
+                assert set(low.tolist()[-n:]) <= set(pos2[r_, hh, :n].tolist())
     if ties and h > 1:  # the heads really kept different positions
         n = int(want[4][0])
         assert not torch.equal(pos2[0, 0, :n], pos2[0, -1, :n])

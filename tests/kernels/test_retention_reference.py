@@ -72,7 +72,7 @@ def test_eviction_keeps_exactly_the_top_m_per_head_in_position_order(model):
     ids = torch.randint(0, model.config.vocab_size, (300,))
     gates = random_gates(model, seed=7, scale=1.0)
     m, b = 23, 11
-    cache = BoundedCache(2, budget=m, buffer=b, policy=RetentionPolicy())
+    cache = BoundedCache(2, budget=m, buffer=b, policy=RetentionPolicy(sinks=0))  # the authors' rule
     lm = BoundedLM(Parts(model), cache, gates)
     seen_compactions = []
     orig = LayerCache.compact
@@ -99,6 +99,18 @@ def test_eviction_keeps_exactly_the_top_m_per_head_in_position_order(model):
             assert sorted(pos[h, order].tolist()) == kept[h].tolist()
         differs |= not torch.equal(kept[0], kept[1])
     assert differs  # heads keep their own token sets
+
+
+def test_retention_sinks_always_stay():
+    lc = layer_with(torch.arange(30).repeat(2, 1), budget=6)
+    lc.log_beta = -torch.ones(2, 30) * 0.5  # every old token decays fast: recency would win
+    lc.log_beta[1, 10] = 0.0                # except one token head 1 retains
+    lc.compact(RetentionPolicy(sinks=2), t=31)
+    assert lc.pos.tolist() == [[0, 1, 26, 27, 28, 29], [0, 1, 10, 27, 28, 29]]
+    lc = layer_with(torch.arange(30).repeat(1, 1), budget=6)
+    lc.log_beta = -torch.ones(1, 30) * 0.5
+    lc.compact(RetentionPolicy(sinks=0), t=31)
+    assert lc.pos.tolist() == [[24, 25, 26, 27, 28, 29]]
 
 
 def test_top_m_ties_keep_newer_and_respect_count():
