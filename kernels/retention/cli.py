@@ -81,6 +81,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cap-weight", type=float, default=1.0, help="weight of the capacity loss [1]")
     p.add_argument("--checkpoint-every", type=int, default=25, help="save the training state every N steps [25]")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sinks", type=int, default=4,
+                   help="the first positions of every sequence are never forgotten, in training as when "
+                        "serving (0: the TRIM-KV authors' rule) [4]")
     p.add_argument("--init-from", default="", metavar="GATES_DIR",
                    help="start from these gates instead of a fresh initialisation (e.g. to continue on longer "
                         "sequences)")
@@ -108,7 +111,7 @@ def train_main(args) -> int:
                       bias_init=args.bias_init, cap_weight=args.cap_weight,
                       checkpoint_every=args.checkpoint_every, seed=args.seed, threads=args.threads,
                       init_from=str(Path(args.init_from).resolve()) if args.init_from else "",
-                      recompute=args.recompute)
+                      recompute=args.recompute, sinks=args.sinks)
     try:
         Trainer(cfg, progress=not args.quiet).run()
     except (ValueError, OSError) as e:  # GateError is a ValueError

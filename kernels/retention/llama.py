@@ -68,10 +68,11 @@ class Parts:
 
 
 def forward_full(parts: Parts, ids: torch.Tensor, gates: GateSet | None = None, bias: bool = False,
-                 want_logits: bool = True, checkpoint: bool = False):
+                 want_logits: bool = True, checkpoint: bool = False, sinks: int = 0):
     """ids [B, T]. Returns (logits [B, T, V] or final hidden states, [log beta [B, Hkv, T] per layer]).
     checkpoint: recompute each layer in the backward pass instead of storing its T x T attention
-    (training on long sequences)."""
+    (training on long sequences). sinks: the first positions get log beta = 0 (never forgotten, as the
+    bounded cache keeps them)."""
     b, t_len = ids.shape
     h = parts.embed(ids)
     positions = torch.arange(t_len, device=ids.device).unsqueeze(0).expand(b, -1)
@@ -84,6 +85,8 @@ def forward_full(parts: Parts, ids: torch.Tensor, gates: GateSet | None = None, 
         x = layer.input_layernorm(h)
         q, k, v = parts.qkv(layer, x, cos, sin)
         lb = gates[i](x).transpose(1, 2) if gates is not None else None   # [B, Hkv, T]
+        if lb is not None and sinks:
+            lb = torch.cat([torch.zeros_like(lb[..., :sinks]), lb[..., sinks:]], -1)
         if lb is not None and bias:
             mask = retention_bias(lb).repeat_interleave(g, 1).to(q.dtype)  # [B, Hq, T, T]
             attn = F.scaled_dot_product_attention(q, k.repeat_interleave(g, 1), v.repeat_interleave(g, 1),

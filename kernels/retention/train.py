@@ -50,6 +50,7 @@ class TrainConfig:
     seed: int = 0
     init_from: str = ""              # start from these gates (e.g. trained on shorter sequences)
     recompute: bool = False          # recompute layers in the backward pass (long sequences)
+    sinks: int = 4                   # the first positions of every sequence are never forgotten, as served
     threads: int = 0
 
     def check(self) -> None:
@@ -62,7 +63,8 @@ class TrainConfig:
 
     def same_run(self, other: dict) -> list[str]:
         """Fields that differ from a saved run's config (what may not change on resume)."""
-        fixed = ("model_dir", "budget", "seq_len", "batch", "gate_width", "bias_init", "seed", "sources", "init_from")
+        fixed = ("model_dir", "budget", "seq_len", "batch", "gate_width", "bias_init", "seed", "sources", "init_from",
+                 "sinks")
         return [k for k in fixed if other.get(k) != asdict(self)[k]]
 
 
@@ -74,12 +76,12 @@ def lr_at(cfg: TrainConfig, step: int) -> float:
 
 
 def losses(parts: Parts, gates: GateSet, ids: torch.Tensor, budget: int,
-           recompute: bool = False) -> dict[str, torch.Tensor]:
+           recompute: bool = False, sinks: int = 0) -> dict[str, torch.Tensor]:
     with torch.no_grad():
         teacher, _ = forward_full(parts, ids)
         t_logp = F.log_softmax(teacher[:, :-1].float(), -1)
         del teacher
-    student, log_betas = forward_full(parts, ids, gates, bias=True, checkpoint=recompute)
+    student, log_betas = forward_full(parts, ids, gates, bias=True, checkpoint=recompute, sinks=sinks)
     s_logp = F.log_softmax(student[:, :-1].float(), -1)
     del student
     ce = F.nll_loss(s_logp.flatten(0, 1), ids[:, 1:].flatten())
@@ -129,7 +131,8 @@ class Trainer:
         meta = GateMeta(hidden_size=mc.hidden_size, num_layers=mc.num_hidden_layers,
                         num_kv_heads=mc.num_key_value_heads, intermediate_size=cfg.gate_width,
                         bias_init=cfg.bias_init, model=Path(cfg.model_dir).name,
-                        model_config_sha256=config_sha256(cfg.model_dir), budget=cfg.budget, buffer=cfg.buffer)
+                        model_config_sha256=config_sha256(cfg.model_dir), budget=cfg.budget, buffer=cfg.buffer,
+                        sinks=cfg.sinks)
         torch.manual_seed(cfg.seed)
         gates = GateSet(meta)
         if cfg.init_from:
@@ -189,7 +192,7 @@ class Trainer:
                 t0 = time.perf_counter()
                 for g in opt.param_groups:
                     g["lr"] = lr_at(cfg, step)
-                parts_ = losses(parts, gates, self.batch(pools, step), cfg.budget, cfg.recompute)
+                parts_ = losses(parts, gates, self.batch(pools, step), cfg.budget, cfg.recompute, cfg.sinks)
                 loss = parts_["task"] + cfg.cap_weight * parts_["cap"]
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -216,7 +219,7 @@ class Trainer:
         meta.training = {
             **meta.training,
             "steps": step, "seq_len": cfg.seq_len, "batch": cfg.batch, "lr": cfg.lr, "warmup": cfg.warmup,
-            "cap_weight": cfg.cap_weight, "seed": cfg.seed, "wall_seconds": round(seconds, 1),
+            "cap_weight": cfg.cap_weight, "sinks": cfg.sinks, "seed": cfg.seed, "wall_seconds": round(seconds, 1),
             "threads": torch.get_num_threads(),
             "sources": [{k: (Path(v).name if k in ("path", "exclude_ids_from") else v) for k, v in s.items()}
                         for s in cfg.sources],

@@ -66,3 +66,17 @@ def test_small_beta_changes_the_biased_model():
     ids = torch.randint(0, cfg.vocab_size, (1, 40))
     with torch.no_grad():
         assert (forward_full(Parts(model), ids, gates, bias=True)[0] - model(ids).logits).abs().max() > 1e-2
+
+
+def test_training_sinks_are_never_forgotten():
+    model = tiny_model(seed=2)
+    cfg = model.config
+    gates = GateSet(GateMeta(cfg.hidden_size, cfg.num_hidden_layers, cfg.num_key_value_heads, 8, bias_init=-3.0))
+    ids = torch.randint(0, cfg.vocab_size, (2, 20))
+    with torch.no_grad():
+        _, lbs = forward_full(Parts(model), ids, gates, bias=True, sinks=3)
+        _, free = forward_full(Parts(model), ids, gates, bias=True)
+    for lb, lf in zip(lbs, free):
+        assert float(lb[..., :3].abs().max()) == 0.0 and float(lf[..., :3].max()) < -1.0
+        assert torch.equal(lb[..., 3:], lf[..., 3:])  # the rest (layer 0) or only through the sinks' effect
+        break
