@@ -1,0 +1,187 @@
+"""The bounded KV cache on the real vLLM CPU engine with the default model and its shipped gates (fp32):
+
+* start-up: vLLM's own log reports the bounded capacity (max concurrency ~ one ring page per request);
+* exactness: greedy tokens equal kernels/retention/llama.BoundedLM (the HF reference eviction) for 10
+  prompts, each generating past several compactions, one with a long prompt prefilled in chunks;
+* stock equality: sequences that never fill the ring give exactly stock vLLM's tokens;
+* metrics: vLLM's /metrics shows the KV tokens held vs the unbounded equivalent and the budget;
+* an unsupported engine setting (prefix caching) stops the engine at start with one line.
+
+Engines are started the way `leanserve serve --kv-budget` starts its embedded one, one at a time
+(own_engine: after the shared engine is stopped). Sizes are small on purpose (2-core CI): budget
+M = 64, buffer 32 -> ring C = 96, so 160 generated tokens cross 3+ compactions.
+"""
+import collections
+import concurrent.futures as cf
+import shlex
+
+import httpx
+import pytest
+
+from kernels.model_prep import default_model_dir, verify
+from kernels.vllm_plugin.bounded_kv.config import engine_args
+from server.supervisor import EngineError, EngineProcess, cpu_engine, engine_command, engine_env
+from tests.support.hf import engine_greedy_mismatches, first_difference, one_thread
+from tests.support.servers import free_port
+
+pytestmark = [pytest.mark.integration, pytest.mark.own_engine]
+
+NAME = "smollm2-bounded"
+M, B = 64, 32
+GEN = 160          # generated tokens per exactness prompt: >= 3 compactions for a 10-token prompt
+STOCK_GEN = 40     # prompt + 40 <= M: nothing is ever evicted
+BATCH = 64         # --max-num-batched-tokens: the long prompt is prefilled in chunks (multi-round plans)
+PROMPTS = [
+    "The capital of France is",
+    "Once upon a time, in a small village by the sea,",
+    "def fibonacci(n):",
+    "The three most important inventions of the twentieth century are",
+    "Water boils at a temperature of",
+    "In 1492, Christopher Columbus",
+    "The quick brown fox",
+    "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n",
+    "Photosynthesis is the process by which",
+]
+
+
+def long_prompt(tok) -> list[int]:
+    from kernels.retention.cli import REPO_ROOT
+    text = (REPO_ROOT / "data/wikitext2/valid.txt").read_text()[:4000]
+    return tok(text, add_special_tokens=False)["input_ids"][:200]
+
+
+@pytest.fixture(scope="module")
+def prompt_ids():
+    if not verify(default_model_dir()):
+        pytest.fail("the default model is not prepared: run `leanserve prepare-model` (make test does)")
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(default_model_dir())
+    ids = {p: tok(p, add_special_tokens=False)["input_ids"] for p in PROMPTS}
+    ids["<wikitext, 200 tokens>"] = long_prompt(tok)
+    return ids
+
+
+@pytest.fixture(scope="module")
+def reference(prompt_ids):
+    """BoundedLM greedy tokens (HF fp32, the shipped gates, sinks from gates.json), before any engine starts."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from kernels.retention.gate import GateSet
+    from kernels.retention.llama import BoundedLM, Parts
+    from kernels.retention.reference import BoundedCache, RetentionPolicy
+    from kernels.vllm_plugin.bounded_kv.config import shipped_gates
+
+    gates = GateSet.load(shipped_gates(default_model_dir()))
+    parts = Parts(AutoModelForCausalLM.from_pretrained(default_model_dir(), dtype=torch.float32).eval())
+    out = {}
+    with one_thread():
+        for label, ids in prompt_ids.items():
+            lm = BoundedLM(parts, BoundedCache(parts.num_layers, M, B, RetentionPolicy(sinks=gates.meta.sinks)), gates)
+            out[label] = lm.generate(torch.tensor(ids), GEN)
+    return out
+
+
+def start(extra: str) -> EngineProcess:
+    port = free_port()
+    cpu = cpu_engine()
+    eng = EngineProcess(engine_command(str(default_model_dir()), NAME, port, "float32", extra, cpu),
+                        engine_env(cpu), port)
+    eng.tail = collections.deque(maxlen=5000)
+    eng.start()
+    return eng
+
+
+def bounded_extra(more: str = "") -> str:
+    base = f"--max-model-len 1024 --max-num-batched-tokens {BATCH} {more}".strip()
+    return base + " " + shlex.join(engine_args(default_model_dir(), M, B, extra_args=base))
+
+
+@pytest.fixture(scope="module")
+def stock_tokens(prompt_ids, reference, exclusive_engine):
+    eng = start(f"--max-model-len 1024 --max-num-batched-tokens {BATCH} --no-enable-prefix-caching")
+    try:
+        eng.wait_healthy(600)
+        out = {}
+        with httpx.Client(base_url=eng.url, timeout=600) as c:
+            for p in PROMPTS:
+                out[p] = complete(c, prompt_ids[p], STOCK_GEN)
+        yield out
+    finally:
+        eng.stop()
+
+
+@pytest.fixture(scope="module")
+def engine(stock_tokens, tmp_path_factory):
+    import os
+    metrics_dir = tmp_path_factory.mktemp("prom")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)  # as `leanserve serve --kv-budget` sets it
+    try:
+        eng = start(bounded_extra())
+    finally:
+        del os.environ["PROMETHEUS_MULTIPROC_DIR"]
+    try:
+        eng.wait_healthy(600)
+        yield eng
+    finally:
+        eng.stop()
+
+
+def complete(client, ids, n):
+    r = client.post("/v1/completions", json={"model": NAME, "prompt": ids, "max_tokens": n, "temperature": 0,
+                                             "ignore_eos": True, "return_token_ids": True})
+    r.raise_for_status()
+    return r.json()["choices"][0]["token_ids"]
+
+
+def test_startup_log_reports_the_bounded_capacity(engine):
+    log = "\n".join(engine.tail)
+    assert f"bounded KV cache: budget M={M}, buffer {B}, ring C={M + B} tokens" in log, log[-3000:]
+    conc = float(log.split("Maximum concurrency for 1,024 tokens per request: ")[1].split("x")[0].replace(",", ""))
+    # One ring page per request: C slots of K+V (+ 8 B side tables per slot-head) vs 1024 tokens of K+V.
+    # VLLM_CPU_KVCACHE_SPACE=4 GiB / (30 layers x 3 heads x 96 x (512 + 8) B) = 954 requests.
+    assert 900 < conc < 1000, conc
+
+
+def test_greedy_equals_the_reference_eviction(engine, prompt_ids, reference):
+    mismatches = engine_greedy_mismatches(engine.url, NAME, prompt_ids, [reference[p] for p in prompt_ids])
+    assert not mismatches, "\n".join(mismatches)
+
+
+def test_without_eviction_equals_stock_vllm(engine, prompt_ids, stock_tokens):
+    with httpx.Client(base_url=engine.url, timeout=600) as c:
+        diffs = [f"{p!r}: {d}" for p in PROMPTS
+                 if (d := first_difference(complete(c, prompt_ids[p], STOCK_GEN), stock_tokens[p]))]
+    assert not diffs, "\n".join(diffs)
+
+
+def test_concurrent_requests_and_metrics(engine, prompt_ids):
+    """8 requests at once (rings compacted in the same steps, blocks reused afterwards), then /metrics."""
+    with httpx.Client(base_url=engine.url, timeout=600) as c, cf.ThreadPoolExecutor(8) as ex:
+        outs = list(ex.map(lambda p: complete(c, prompt_ids[p], 120), PROMPTS[:8]))
+        assert all(len(o) == 120 for o in outs)
+        text = c.get("/metrics").text
+    values = {}
+    for line in text.splitlines():
+        if line.startswith("leanserve_kv_"):
+            name, _, v = line.rpartition(" ")
+            values[name.split("{")[0]] = float(v)
+    assert values.get("leanserve_kv_budget_tokens") == M, text[-2000:]
+    assert values.get("leanserve_kv_ring_capacity_tokens") == M + B
+    assert 0 < values["leanserve_kv_tokens_held"] <= values["leanserve_kv_tokens_unbounded"]
+
+
+def test_prefix_caching_stops_the_engine_at_start_with_one_line(engine):
+    """Past the gateway's own checks (tests/unit/test_bounded_kv_config.py): vLLM started by hand with the
+    overrides and prefix caching on. Runs last in the module (the engine fixture has finished its work)."""
+    engine.stop()
+    args = engine_args(default_model_dir(), M, B)
+    eng = start("--max-model-len 1024 " + shlex.join([a for a in args if a != "--no-enable-prefix-caching"])
+                + " --enable-prefix-caching")
+    try:
+        with pytest.raises(EngineError):
+            eng.wait_healthy(300)
+    finally:
+        eng.stop()
+    log = "\n".join(eng.tail)
+    assert "the bounded KV cache needs prefix caching off (--no-enable-prefix-caching)" in log, log[-3000:]
