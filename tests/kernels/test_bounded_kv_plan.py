@@ -73,9 +73,9 @@ def test_plan_replays_like_the_reference(m, b):
 
 def test_decode_steps_are_one_round_over_the_whole_batch():
     m, b = 8, 4
-    qsl = torch.arange(0, 4, dtype=torch.int32)
+    qsl = torch.arange(0, 5, dtype=torch.int32)
     seq = torch.tensor([5, 11, 12, 300], dtype=torch.int32)
-    rounds = plan_step(qsl, seq, torch.tensor([1, 2, 3, 4]), m, b, 3)
+    rounds = plan_step(qsl, seq, torch.tensor([1, 2, 3, 4]), m, b, 4)
     assert len(rounds) == 1 and rounds[0].tokens is None and rounds[0].req is None
         # 11 seen -> slot 11 fills the ring (C = 12); 299 seen -> 8 + 291 % 4 = 11 -> full too
     assert rounds[0].ring_lens.tolist() == [5, 11, 12, 12]

@@ -96,7 +96,7 @@ def test_serve_settings_from_env_and_refusals(tmp_path, monkeypatch):
 
 def test_cli_refusal_is_one_line_and_exit_1(tmp_path):
     r = subprocess.run([sys.executable, "-m", "server.cli", "serve", "--model", str(model_dir(tmp_path)),
-                        "--kv-budget", "64", "--engine-args", "--enable-prefix-caching"],
+                        "--kv-budget", "64", "--engine-args=--enable-prefix-caching"],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 1
     lines = r.stderr.strip().splitlines()

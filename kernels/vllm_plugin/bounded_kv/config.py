@@ -113,16 +113,16 @@ _REFUSED = {
 
 
 def check_engine_args(args: list[str]) -> None:
-    for a in args:
-        flag, _, value = a.partition("=")
-        if flag in _REFUSED:
-            if flag in ("--tensor-parallel-size", "-tp", "--pipeline-parallel-size", "-pp") and value == "1":
+    sizes = ("--tensor-parallel-size", "-tp", "--pipeline-parallel-size", "-pp")
+    for i, a in enumerate(args):
+        flag, eq, value = a.partition("=")
+        if flag not in _REFUSED:
+            continue
+        if flag in sizes:
+            value = value if eq else (args[i + 1] if i + 1 < len(args) else "")
+            if value == "1":
                 continue
-            raise BoundedKVError(f"--kv-budget cannot be combined with {_REFUSED[flag]} ({flag})")
-    nxt = {a: b for a, b in zip(args, args[1:])}
-    for flag in ("--tensor-parallel-size", "-tp", "--pipeline-parallel-size", "-pp"):
-        if flag in nxt and nxt[flag] != "1":
-            raise BoundedKVError(f"--kv-budget cannot be combined with {_REFUSED[flag]} ({flag} {nxt[flag]})")
+        raise BoundedKVError(f"--kv-budget cannot be combined with {_REFUSED[flag]} ({flag})")
     if "--hf-overrides" in args or any(a.startswith("--hf-overrides=") for a in args):
         raise BoundedKVError("--kv-budget sets --hf-overrides itself; pass the other overrides without --kv-budget")
 
