@@ -23,3 +23,5 @@ def register() -> None:
                                      "kernels.vllm_plugin.bounded_kv.model:BoundedLlamaForCausalLM")
     if "LEANSERVE_BOUNDED_KV" not in AttentionBackendEnum.__members__:
         register_backend("LEANSERVE_BOUNDED_KV", "kernels.vllm_plugin.bounded_kv.backend.BoundedKVBackend")
+    from .metrics import declare
+    declare()

@@ -9,11 +9,16 @@ from __future__ import annotations
 
 import os
 
-import torch
-
-from .plan import ring_count
-
 _GAUGES = None
+
+
+def declare() -> None:
+    """Create the gauges (0 until a bounded engine sets them) in every vLLM process, so that every
+    engine's /metrics names the families the dashboard queries."""
+    try:
+        _gauges()
+    except ImportError:
+        pass
 
 
 def _gauges():
@@ -48,9 +53,10 @@ class RingGauges:
         g[3].set(m)
         g[4].set(m + b)
 
-    def observe(self, seq_lens: torch.Tensor) -> None:
+    def observe(self, seq_lens) -> None:
         if self.g is None:
             return
+        from .plan import ring_count
         held = int(ring_count(seq_lens.long(), self.m, self.b).sum())
         self.g[0].set(held)
         self.g[1].set(int(seq_lens.sum()))
