@@ -24,6 +24,7 @@ from vllm.v1.kv_cache_interface import KVCacheLayout
 from kernels.retention.ops import compact_
 
 from . import metrics
+from .layout import cache_maps
 from .plan import Round, plan_step
 from .spec import BoundedRingSpec
 
@@ -64,6 +65,8 @@ class BoundedKVBackend(AttentionBackend):
 class BoundedKVMetadata:
     num_actual_tokens: int
     rounds: list[Round]
+    k_inv: torch.Tensor  # layout.cache_maps: where the kernel keeps (slot, dim) of K / V
+    v_inv: torch.Tensor
 
 
 class BoundedKVMetadataBuilder(AttentionMetadataBuilder[BoundedKVMetadata]):
@@ -81,6 +84,7 @@ class BoundedKVMetadataBuilder(AttentionMetadataBuilder[BoundedKVMetadata]):
         for layer in get_layers_from_vllm_config(vllm_config, Attention, layer_names).values():
             layer.isa = self.isa
         self.metrics = metrics.RingGauges(self.m, self.b)
+        self.k_inv, self.v_inv = cache_maps(self.isa, kv_cache_spec.block_size, self.head_dim, kv_cache_spec.dtype)
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False) -> BoundedKVMetadata:
@@ -96,7 +100,8 @@ class BoundedKVMetadataBuilder(AttentionMetadataBuilder[BoundedKVMetadata]):
                 causal=True, sliding_window_size=-1, isa=self.isa, enable_kv_split=envs.VLLM_CPU_ATTN_SPLIT_KV)
             r.block_table = r.rings.view(-1, 1)
         self.metrics.observe(seq)
-        return BoundedKVMetadata(num_actual_tokens=cm.num_actual_tokens, rounds=rounds)
+        return BoundedKVMetadata(num_actual_tokens=cm.num_actual_tokens, rounds=rounds, k_inv=self.k_inv,
+                                 v_inv=self.v_inv)
 
 
 class BoundedKVImpl(AttentionImpl):
@@ -140,16 +145,24 @@ class BoundedKVImpl(AttentionImpl):
                 output[r.tokens] = out
             if r.compact_rings.numel():
                 compact_rings(key_cache, value_cache, layer.ring_pos, layer.ring_log_beta, r.compact_rings,
-                              r.compact_t, layer.budget, layer.sinks)
+                              r.compact_t, layer.budget, layer.sinks, attn_metadata, layer.isa)
         return output
 
 
-def compact_rings(key_cache, value_cache, pos, log_beta, rings, t, m: int, sinks: int) -> None:
-    """Keep each full ring's top-M slots per KV head, in position order, at slots [0, M)."""
-    k, v, p, lb = key_cache[rings], value_cache[rings], pos[rings], log_beta[rings]
-    count = torch.full((rings.numel(),), k.shape[2], dtype=torch.long, device=k.device)
+def compact_rings(key_cache, value_cache, pos, log_beta, rings, t, m: int, sinks: int, md, isa: str) -> None:
+    """Keep each full ring's top-M slots per KV head, in position order, at slots [0, M): read the rings
+    in the kernel's layout, compact them batched (ops.compact_), write the kept slots back with the
+    kernel's own write op."""
+    nb, h, c, d = key_cache.shape
+    n = rings.numel()
+    k = key_cache.flatten(2)[rings][:, :, md.k_inv].view(n, h, c, d)
+    v = value_cache.flatten(2)[rings][:, :, md.v_inv].view(n, h, c, d)
+    p, lb = pos[rings], log_beta[rings]
+    count = torch.full((n,), c, dtype=torch.long, device=k.device)
     compact_(k, v, p, lb, count, t.to(k.device), m, sinks)
-    key_cache[rings, :, :m] = k[:, :, :m]
-    value_cache[rings, :, :m] = v[:, :, :m]
+    keys = k[:, :, :m].transpose(1, 2).reshape(n * m, h, d)
+    vals = v[:, :, :m].transpose(1, 2).reshape(n * m, h, d)
+    slots = (rings[:, None] * c + torch.arange(m, device=rings.device)[None, :]).reshape(-1)
+    vops.cpu_attn_reshape_and_cache(keys, vals, key_cache, value_cache, slots, isa)
     pos[rings, :, :m] = p[:, :, :m]
     log_beta[rings, :, :m] = lb[:, :, :m]
