@@ -7,11 +7,12 @@ the attention module is vLLM's Attention with attn_backend= our backend and our 
 """
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 from vllm.config import VllmConfig, get_current_vllm_config
-from vllm.logger import init_logger
 from vllm.model_executor.layers.attention import Attention
 from vllm.model_executor.models.llama import LlamaAttention, LlamaDecoderLayer, LlamaForCausalLM
 
@@ -19,7 +20,7 @@ from .backend import BoundedKVBackend
 from .config import BoundedKVConfig, BoundedKVError
 from .spec import SIDE_BYTES, BoundedRingSpec
 
-log = init_logger("leanserve.bounded_kv")
+log = logging.getLogger("vllm.leanserve.bounded_kv")  # inside vLLM's logger namespace: its handler prints it
 
 
 class BoundedAttention(Attention):
