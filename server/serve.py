@@ -59,7 +59,8 @@ def bounded_kv_args(settings: Settings, model_dir: str) -> tuple[str, dict[str, 
     except BoundedKVError as e:
         raise ServeError(str(e))
     # vLLM's /metrics then aggregates the worker's bounded-cache gauges (bounded_kv/metrics.py).
-    env = {METRICS_DIR_ENV: tempfile.mkdtemp(prefix="leanserve-metrics-")}
+    d = tempfile.mkdtemp(prefix="leanserve-metrics-")
+    env = {METRICS_DIR_ENV: d, "LEANSERVE_METRICS_DIR_OWNED": d}  # removed when the engine stops
     return " ".join(filter(None, [settings.engine_args, shlex.join(extra)])), env
 
 
@@ -130,6 +131,10 @@ def serve(settings: Settings) -> int:
     finally:
         if engine is not None:
             engine.stop()
+            metrics_dir = engine.env.get("LEANSERVE_METRICS_DIR_OWNED")
+            if metrics_dir:
+                import shutil
+                shutil.rmtree(metrics_dir, ignore_errors=True)
     if died:
         return 1
     return 0

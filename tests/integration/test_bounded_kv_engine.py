@@ -185,3 +185,48 @@ def test_prefix_caching_stops_the_engine_at_start_with_one_line(engine):
         eng.stop()
     log = "\n".join(eng.tail)
     assert "the bounded KV cache needs prefix caching off (--no-enable-prefix-caching)" in log, log[-3000:]
+
+
+def test_leanserve_serve_kv_budget_with_top_h_and_trim(prompt_ids, exclusive_engine):
+    """`leanserve serve --kv-budget` end to end (gateway + embedded bounded engine): chat requests with
+    top_h and trim are served past compactions, bad input is an OpenAI-shaped 400, the engine's /metrics
+    carries the bounded gauges (PROMETHEUS_MULTIPROC_DIR set by serve), SIGTERM stops everything."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    port, engine_port = free_port(), free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "server.cli", "serve", "--port", str(port), "--engine-port",
+                             str(engine_port), "--kv-budget", str(M), "--kv-buffer", str(B), "--log-level", "warning",
+                             "--engine-args", "--max-model-len 1024"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        t0 = time.monotonic()
+        while True:
+            assert proc.poll() is None, proc.stdout.read().decode()[-4000:]
+            try:
+                if httpx.get(url + "/ready", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() - t0 < 600, "leanserve serve --kv-budget was not ready within 600 s"
+            time.sleep(0.5)
+        with httpx.Client(base_url=url, timeout=600) as c:
+            r = c.post("/v1/chat/completions", json={
+                "model": "SmolLM2-135M-Instruct", "max_tokens": 150, "temperature": 0.7, "seed": 1, "top_h": 0.9,
+                "trim": True, "messages": [{"role": "user", "content": "Write a short story about a lighthouse."}]})
+            assert r.status_code == 200, r.text
+            assert r.json()["usage"]["completion_tokens"] > 0
+            bad = c.post("/v1/chat/completions", json={"model": "SmolLM2-135M-Instruct", "top_h": 3,
+                                                       "messages": [{"role": "user", "content": "hi"}]})
+            assert bad.status_code == 400 and bad.json()["error"]["param"] == "top_h"
+        metrics = httpx.get(f"http://127.0.0.1:{engine_port}/metrics", timeout=30).text
+        assert f"leanserve_kv_budget_tokens {float(M)}" in metrics, metrics[-2000:]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(60)
+    assert rc == 0
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"http://127.0.0.1:{engine_port}/health", timeout=2)
