@@ -42,6 +42,7 @@ from typing import Any, Optional, Sequence
 import aiohttp
 
 from ..errors import APIError, normalize_upstream_error
+from ..http_common import UPSTREAM_ERRORS, UPSTREAM_HEADERS, Retry, read_capped, upstream_failure
 from ..schema import engine_body
 from ..sse import DONE_EVENT, TOKEN, USAGE, EventSplitter, classify, load_event
 from .policy import Decision, ThoughtTrimmer, TrimConfig, estimate_tokens
@@ -171,7 +172,8 @@ class _Timed(Verifier):
 def _usage_counts(u: Any) -> tuple[int, int]:
     if not isinstance(u, dict):
         return 0, 0
-    return int(u.get("prompt_tokens") or 0), int(u.get("completion_tokens") or 0)
+    p, c = u.get("prompt_tokens"), u.get("completion_tokens")
+    return (p if type(p) is int else 0), (c if type(c) is int else 0)
 
 
 @dataclass
@@ -281,8 +283,6 @@ class TrimmedStream:
 
     # ---- first call ---------------------------------------------------------------------------
     async def _first(self, resp: aiohttp.ClientResponse) -> None:
-        from ..relay import CONNECT_ERRORS, _Retry, upstream_failure
-
         splitter, failure = EventSplitter(), None
         try:
             while True:
@@ -319,12 +319,12 @@ class TrimmedStream:
                     else:
                         self.sink.raw(ev)
                 await self.sink.flush()
-        except (*CONNECT_ERRORS, asyncio.TimeoutError) as e:
+        except UPSTREAM_ERRORS as e:
             kind, failure = upstream_failure(e, "stream")
-            self.gw.metrics.upstream_errors.labels(self.replica.url, kind).inc()
+            self.gw.metrics.upstream_errors.labels(self.replica.label, kind).inc()
             if not self.rr.started:  # nothing reached the client yet (never, for stream=false): retry
-                raise _Retry(failure)
-            log.warning("engine %s broke mid-stream: %r", self.replica.url, e)
+                raise Retry(failure)
+            log.warning("engine %s broke mid-stream: %s", self.replica.label, failure.message)
         # the first call ended without a cut
         self._stop_trimmer()
         if self.held:  # the stream broke off inside the thinking: what was held back is not cut
@@ -343,6 +343,7 @@ class TrimmedStream:
         if self.head is None:
             self.head = {"id": data.get("id"), "object": data.get("object") or "chat.completion.chunk",
                          "created": data.get("created"), "model": data.get("model")}
+            self.rr.first_token_seen()
         if self.rr.stream:
             if self.last_token_at:
                 self.itl.observe(now - self.last_token_at)
@@ -538,22 +539,19 @@ class TrimmedStream:
         return json.dumps(body).encode()
 
     async def _continue(self) -> None:
-        from ..relay import CONNECT_ERRORS
-
         gw, payload = self.gw, self._continuation_body()
         replica, tried, acquired = self.replica, {self.replica}, None
         resp = None
         try:
             while True:
                 try:
-                    resp = await gw.client.post(replica.url + self.rr.path, data=payload,
-                                                headers={"content-type": "application/json"})
+                    resp = await gw.client.post(replica.url + self.rr.path, data=payload, headers=UPSTREAM_HEADERS)
                     break
-                except (*CONNECT_ERRORS, asyncio.TimeoutError) as e:
-                    timeout = isinstance(e, asyncio.TimeoutError)
-                    gw.metrics.upstream_errors.labels(replica.url, "timeout" if timeout else "connect").inc()
-                    if not timeout:
-                        gw.pool.set_health(replica, False)
+                except UPSTREAM_ERRORS as e:
+                    kind, err = upstream_failure(e, "connect")
+                    gw.metrics.upstream_errors.labels(replica.label, kind).inc()
+                    if kind == "connect":
+                        gw.pool.set_health(replica, False, err.message)
                     if acquired is not None:
                         gw.pool.release(acquired)
                         acquired = None
@@ -567,8 +565,8 @@ class TrimmedStream:
                     acquired = replica
             if resp.status != 200:
                 try:
-                    raw = await resp.read()
-                except (*CONNECT_ERRORS, asyncio.TimeoutError):
+                    raw = await read_capped(resp)
+                except UPSTREAM_ERRORS:
                     raw = b""
                 err = normalize_upstream_error(resp.status, raw)["error"]
                 code = err.get("code") if isinstance(err.get("code"), str) else "engine_error"
@@ -587,8 +585,6 @@ class TrimmedStream:
         self.sink.error(err)
 
     async def _relay_continuation(self, resp: aiohttp.ClientResponse, replica: Any) -> None:
-        from ..relay import CONNECT_ERRORS
-
         splitter, done, usage2 = EventSplitter(), False, None
         try:
             async for chunk in resp.content.iter_any():
@@ -611,9 +607,10 @@ class TrimmedStream:
                     else:
                         self.sink.raw(ev)
                 await self.sink.flush()
-        except (*CONNECT_ERRORS, asyncio.TimeoutError) as e:
-            self.gw.metrics.upstream_errors.labels(replica.url, "stream").inc()
-            log.warning("engine %s broke during a trimmed continuation: %r", replica.url, e)
+        except UPSTREAM_ERRORS as e:
+            kind, _ = upstream_failure(e, "stream")
+            self.gw.metrics.upstream_errors.labels(replica.label, kind).inc()
+            log.warning("engine %s broke during a trimmed continuation: %r", replica.label, e)
         if usage2 is not None:
             total = self._sum_usage(usage2)
             self.rr._account(total, [])
