@@ -73,6 +73,7 @@ def error_event(err: APIError) -> bytes:
 
 async def send_json(send, status: int, body: Any, headers: dict[str, str] | None = None) -> None:
     raw = json.dumps(body).encode()
-    hdrs = JSON_HEADERS + [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
+    hdrs = JSON_HEADERS + [(b"content-length", str(len(raw)).encode())]
+    hdrs += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
     await send({"type": "http.response.start", "status": status, "headers": hdrs})
     await send({"type": "http.response.body", "body": raw})
