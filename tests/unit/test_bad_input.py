@@ -56,3 +56,11 @@ def test_openai_roles_pass(upstream, make_gateway, role):
     msgs = [{"role": "user", "content": "hi"}, {"role": role, "content": "x"}]
     r = httpx.post(gw.url + "/v1/chat/completions", json={"model": MODEL, "messages": msgs, "max_tokens": 2})
     assert r.status_code == 200, r.text
+
+
+def test_openapi_document_lists_the_relay_routes(upstream, make_gateway):
+    gw = make_gateway([upstream.url])
+    doc = httpx.get(gw.url + "/openapi.json").json()
+    for path in ("/v1/chat/completions", "/v1/completions"):
+        op = doc["paths"][path]["post"]
+        assert "requestBody" in op and {"400", "429", "503"} <= set(op["responses"])
