@@ -50,6 +50,23 @@ def upstream_failure(e: BaseException, kind: str) -> tuple[str, APIError]:
     return kind, APIError(502, f"the engine connection broke: {type(e).__name__}", code="engine_error")
 
 
+def stream_ended() -> APIError:
+    return APIError(502, "the engine stream ended unexpectedly", code="engine_error")
+
+
+async def open_upstream(gw: Any, replica: Any, path: str, payload: bytes) -> aiohttp.ClientResponse:
+    """POST `payload` to one replica: the response, or Retry with the client's error (a refused connection
+    also marks the replica down at once). The relay and the trimmed continuation both open engine calls here."""
+    try:
+        return await gw.client.post(replica.url + path, data=payload, headers=UPSTREAM_HEADERS)
+    except UPSTREAM_ERRORS as e:
+        kind, err = upstream_failure(e, "connect")
+        gw.metrics.upstream_errors.labels(replica.label, kind).inc()
+        if kind == "connect":
+            gw.pool.set_health(replica, False, err.message)
+        raise Retry(err)
+
+
 def _short(e: BaseException) -> str:
     msg = getattr(e, "message", None) or str(e) or type(e).__name__
     return str(msg)[:200]

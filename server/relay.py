@@ -19,8 +19,8 @@ from .admission import Admission
 from .body_budget import BodyBudget
 from .drain import Drain
 from .errors import APIError, normalize_upstream_error
-from .http_common import (CONNECT_ERRORS, JSON_HEADERS, RETRY_STATUSES, SSE_HEADERS, UPSTREAM_ERRORS,
-                          UPSTREAM_HEADERS, Retry, error_event, read_capped, send_json, upstream_failure)
+from .http_common import (JSON_HEADERS, RETRY_STATUSES, SSE_HEADERS, UPSTREAM_ERRORS, Retry, error_event,
+                          open_upstream, read_capped, send_json, stream_ended, upstream_failure)
 from .metrics import Metrics
 from .replicas import Replica, ReplicaPool
 from .schema import engine_body, parse_body
@@ -29,9 +29,6 @@ from .trimming.policy import TrimConfig
 from .trimming.stream import TrimPlan, TrimService, plan_trim
 
 log = logging.getLogger("leanserve.relay")
-
-__all__ = ["CONNECT_ERRORS", "JSON_HEADERS", "SSE_HEADERS", "send_json", "Gateway", "RelayRoutes"]
-
 
 @dataclass(frozen=True)
 class Deadlines:
@@ -303,14 +300,7 @@ class RelayResponse:
 
     async def _attempt(self, replica: Replica, payload: bytes, send) -> None:
         gw = self.gw
-        try:
-            resp = await gw.client.post(replica.url + self.path, data=payload, headers=UPSTREAM_HEADERS)
-        except UPSTREAM_ERRORS as e:
-            kind, err = upstream_failure(e, "connect")
-            gw.metrics.upstream_errors.labels(replica.label, kind).inc()
-            if kind == "connect":
-                gw.pool.set_health(replica, False, err.message)
-            raise Retry(err)
+        resp = await open_upstream(gw, replica, self.path, payload)
         try:
             if resp.status != 200:
                 try:
@@ -420,7 +410,7 @@ class RelayResponse:
             await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
         tail = b""
         if not saw_done:  # the engine stopped without finishing: tell the client in-band, then end cleanly
-            err = failure or APIError(502, "the engine stream ended unexpectedly", code="engine_error")
+            err = failure or stream_ended()
             tail = error_event(err) + DONE + b"\n\n"
         await send({"type": "http.response.body", "body": tail, "more_body": False})
 

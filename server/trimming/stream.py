@@ -42,7 +42,7 @@ from typing import Any, Optional, Sequence
 import aiohttp
 
 from ..errors import APIError, normalize_upstream_error
-from ..http_common import UPSTREAM_ERRORS, UPSTREAM_HEADERS, Retry, read_capped, upstream_failure
+from ..http_common import UPSTREAM_ERRORS, Retry, open_upstream, read_capped, stream_ended, upstream_failure
 from ..schema import engine_body
 from ..sse import DONE_EVENT, TOKEN, USAGE, EventSplitter, classify, load_event
 from .policy import Decision, ThoughtTrimmer, TrimConfig, estimate_tokens
@@ -336,7 +336,7 @@ class TrimmedStream:
             self.rr._account(self.usage1.get("usage"), [])
             self.sink.usage(self.usage1)
         if not self.saw_done:
-            self.sink.error(failure or APIError(502, "the engine stream ended unexpectedly", code="engine_error"))
+            self.sink.error(failure or stream_ended())
 
     async def _first_token(self, ev: bytes, now: float) -> None:
         data = load_event(ev)
@@ -545,13 +545,9 @@ class TrimmedStream:
         try:
             while True:
                 try:
-                    resp = await gw.client.post(replica.url + self.rr.path, data=payload, headers=UPSTREAM_HEADERS)
+                    resp = await open_upstream(gw, replica, self.rr.path, payload)
                     break
-                except UPSTREAM_ERRORS as e:
-                    kind, err = upstream_failure(e, "connect")
-                    gw.metrics.upstream_errors.labels(replica.label, kind).inc()
-                    if kind == "connect":
-                        gw.pool.set_health(replica, False, err.message)
+                except Retry as r:
                     if acquired is not None:
                         gw.pool.release(acquired)
                         acquired = None
@@ -559,7 +555,7 @@ class TrimmedStream:
                         replica = gw.pool.pick(self.model, exclude=tried)
                     except APIError:
                         return self._fail(APIError(502, f"the engine did not take the trimmed continuation: "
-                                                        f"{type(e).__name__}", code="engine_error"))
+                                                        f"{r.error.message}", code="engine_error"))
                     tried.add(replica)
                     gw.pool.acquire(replica)
                     acquired = replica
@@ -618,7 +614,7 @@ class TrimmedStream:
         else:  # no usage from the continuation: count what is known
             self.rr._account({"prompt_tokens": self.p1, "completion_tokens": self.c1}, [])
         if not done:
-            self.sink.error(APIError(502, "the engine stream ended unexpectedly", code="engine_error"))
+            self.sink.error(stream_ended())
 
     def _sum_usage(self, u2: dict) -> dict:
         p2, c2 = _usage_counts(u2)
