@@ -165,3 +165,18 @@ def test_non_dict_model_entries_are_ignored(bad_engine, make_gateway):
     assert [m["id"] for m in httpx.get(gw.url + "/v1/models").json()["data"]] == [MODEL]
     assert post(gw, CHAT).status_code == 200
     assert post(gw, {**CHAT, "model": "other"}).status_code == 404
+
+
+# ---- the trimmed relay runs under the same deadlines ----------------------------------------
+def test_trimmed_request_stalling_mid_stream_ends_with_an_error_event(bad_engine, make_gateway):
+    gw = make_gateway([bad_engine("stall_mid_stream").url], upstream_total_timeout=SHORT)
+    r = post(gw, {**CHAT, "stream": True, "trim": True})
+    got = texts(r)
+    assert r.status_code == 200 and got[:2] == ["tok0 ", "tok1 "]
+    assert got[2]["code"] == "engine_timeout" and got[3] == "[DONE]"
+
+
+def test_trimmed_request_without_a_first_token_is_504(bad_engine, make_gateway):
+    gw = make_gateway([bad_engine("stall_after_headers").url], upstream_first_token_timeout=SHORT)
+    for stream in (True, False):
+        assert_openai_error(post(gw, {**CHAT, "stream": stream, "trim": True}), 504, "engine_timeout")
