@@ -10,6 +10,7 @@ import asyncio
 import json
 import logging
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -79,6 +80,7 @@ class RelayRoutes:
             return await send_json(send, 405, err.body(), err.headers)
         arrival = time.perf_counter()
         gw: Gateway = self.state["gw"]
+        rid = request_id(scope["headers"])
         try:
             if gw.drain.stopping:
                 raise APIError(503, "The server is shutting down; retry on another instance.",
@@ -89,8 +91,19 @@ class RelayRoutes:
             body, trim = parse_body(raw, endpoint)
         except APIError as e:
             gw.metrics.requests.labels("unknown", endpoint, str(e.status)).inc()
-            return await send_json(send, e.status, e.body(), e.headers)
-        await RelayResponse(gw, body, trim, scope["path"], endpoint, arrival)(scope, receive, send)
+            return await send_json(send, e.status, e.body(), {**e.headers, "x-request-id": rid})
+        await RelayResponse(gw, body, trim, scope["path"], endpoint, arrival, rid)(scope, receive, send)
+
+
+def request_id(headers) -> str:
+    """The client's X-Request-Id when it is a sane token, else a new one; echoed in the response and logs."""
+    for name, value in headers:
+        if name == b"x-request-id":
+            if 0 < len(value) <= 128 and value.isascii() and value.replace(b"-", b"").replace(b"_", b"").replace(
+                    b".", b"").replace(b":", b"").isalnum():
+                return value.decode()
+            break
+    return uuid.uuid4().hex
 
 
 def _too_large(limit: int) -> APIError:
@@ -138,8 +151,11 @@ async def _read_body(scope, receive, limit: int, gw: Gateway) -> bytes | None:
 class RelayResponse:
     """ASGI app for one proxied request."""
 
-    def __init__(self, gw: Gateway, body: dict, trim: TrimConfig | None, path: str, endpoint: str, arrival: float):
+    def __init__(self, gw: Gateway, body: dict, trim: TrimConfig | None, path: str, endpoint: str, arrival: float,
+                 rid: str = ""):
         self.gw, self.body, self.path, self.endpoint, self.arrival = gw, body, path, endpoint, arrival
+        self.rid = rid or uuid.uuid4().hex
+        self._rid_header = (b"x-request-id", self.rid.encode())
         self.model: str = body.get("model") or ""
         self.metric_model = "unknown"  # client-chosen names never become label values
         self.stream = bool(body.get("stream"))
@@ -161,6 +177,7 @@ class RelayResponse:
             if msg["type"] == "http.response.start":
                 self.started = True
                 self.status = msg["status"]
+                msg = {**msg, "headers": [*msg["headers"], self._rid_header]}
             elif not msg.get("more_body"):
                 self.finished = True
             return send(msg)
@@ -262,8 +279,8 @@ class RelayResponse:
                 if not r.retry or len(tried) > limits.retries or loop.time() >= self.deadline:
                     await send_json(send, r.error.status, r.error.body(), r.error.headers)
                     return
-                log.warning("engine %s failed before the response started (%s); trying another",
-                            replica.label, last_error.message)
+                log.warning("request %s: engine %s failed before the response started (%s); trying another",
+                            self.rid, replica.label, last_error.message)
             finally:
                 gw.pool.release(replica)
 
@@ -292,7 +309,7 @@ class RelayResponse:
             if not self.started:
                 raise Retry(err, retry=which == "first-token")
             if not self.finished:  # streaming already: end it in-band
-                log.warning("engine %s missed the %s deadline mid-stream", replica.label, which)
+                log.warning("request %s: engine %s missed the %s deadline mid-stream", self.rid, replica.label, which)
                 await send({"type": "http.response.body", "body": error_event(err) + DONE + b"\n\n",
                             "more_body": False})
         finally:
@@ -401,7 +418,7 @@ class RelayResponse:
             m.upstream_errors.labels(replica.label, kind).inc()
             if not self.started:
                 raise Retry(failure)
-            log.warning("engine %s broke mid-stream: %s", replica.label, failure.message)
+            log.warning("request %s: engine %s broke mid-stream: %s", self.rid, replica.label, failure.message)
         if not self.started:
             if not saw_done:  # closed before a single event: nothing reached the client, another may serve it
                 m.upstream_errors.labels(replica.label, "stream").inc()

@@ -324,7 +324,8 @@ class TrimmedStream:
             self.gw.metrics.upstream_errors.labels(self.replica.label, kind).inc()
             if not self.rr.started:  # nothing reached the client yet (never, for stream=false): retry
                 raise Retry(failure)
-            log.warning("engine %s broke mid-stream: %s", self.replica.label, failure.message)
+            log.warning("request %s: engine %s broke mid-stream: %s", self.rr.rid, self.replica.label,
+                        failure.message)
         # the first call ended without a cut
         self._stop_trimmer()
         if self.held:  # the stream broke off inside the thinking: what was held back is not cut
@@ -576,7 +577,7 @@ class TrimmedStream:
                 gw.pool.release(acquired)
 
     def _fail(self, err: APIError) -> None:
-        log.warning("trimmed continuation failed: %s", err.message)
+        log.warning("request %s: trimmed continuation failed: %s", self.rr.rid, err.message)
         self.rr._account({"prompt_tokens": self.p1, "completion_tokens": self.c1}, [])
         self.sink.error(err)
 
@@ -606,7 +607,7 @@ class TrimmedStream:
         except UPSTREAM_ERRORS as e:
             kind, _ = upstream_failure(e, "stream")
             self.gw.metrics.upstream_errors.labels(replica.label, kind).inc()
-            log.warning("engine %s broke during a trimmed continuation: %r", replica.label, e)
+            log.warning("request %s: engine %s broke during a trimmed continuation: %r", self.rr.rid, replica.label, e)
         if usage2 is not None:
             total = self._sum_usage(usage2)
             self.rr._account(total, [])

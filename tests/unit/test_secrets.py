@@ -45,3 +45,13 @@ def test_redact_url():
     assert redact_url("https://u:p@h.example:8443/v1?token=x") == "https://h.example:8443/v1"
     assert redact_url("http://[::1]:8100") == "http://[::1]:8100"
     assert redact_url("http://u@[::1]:81/") == "http://[::1]:81/"
+
+
+def test_request_id_is_echoed_or_generated(upstream, make_gateway):
+    gw = make_gateway([upstream.url])
+    url = gw.url + "/v1/chat/completions"
+    for body in (CHAT, {**CHAT, "stream": True}, {"model": MODEL}):  # JSON, SSE, a 400
+        r = httpx.post(url, json=body, headers={"x-request-id": "abc-123"})
+        assert r.headers["x-request-id"] == "abc-123", r.status_code
+    generated = httpx.post(url, json=CHAT, headers={"x-request-id": "bad id\twith spaces"}).headers["x-request-id"]
+    assert len(generated) == 32 and generated != httpx.post(url, json=CHAT).headers["x-request-id"]
