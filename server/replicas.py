@@ -65,6 +65,8 @@ class ReplicaPool:
                     replica.models = parse_models(await m.json(content_type=None))
         except asyncio.CancelledError:
             raise
+        except asyncio.TimeoutError:
+            ok, why = False, f"no answer within {timeout.total:g}s"
         except Exception as e:  # noqa: BLE001 - a malformed answer must not stop probing for good
             ok, why = False, _describe(e)
         if not ok:
