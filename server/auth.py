@@ -1,25 +1,30 @@
-"""API-key check as a pure ASGI middleware (BaseHTTPMiddleware would hide client disconnects)."""
+"""API-key check as a pure ASGI middleware (BaseHTTPMiddleware would hide client disconnects).
+Only SHA-256 hashes of the keys are held (config.hash_key); a presented key is hashed and compared in
+constant time against every one of them."""
 from __future__ import annotations
 
+import hashlib
 import hmac
 
 from .errors import APIError
-from .relay import send_json
+from .http_common import send_json
 
 OPS_PATHS = ("/health", "/ready", "/metrics")
 
 
 class APIKeyAuth:
     def __init__(self, app, keys: list[str], protect_ops: bool = False):
+        """keys: "sha256:HEX" hashes (what Settings.api_keys holds)."""
         self.app = app
-        self.keys = [k.encode() for k in keys]
+        self.keys = [bytes.fromhex(k.removeprefix("sha256:")) for k in keys]
         self.protect_ops = protect_ops
 
     def _valid(self, token: bytes) -> bool:
         # Compare against every key without short-circuit: timing reveals neither key nor position.
+        digest = hashlib.sha256(token).digest()
         ok = False
         for k in self.keys:
-            ok |= hmac.compare_digest(token, k)
+            ok |= hmac.compare_digest(digest, k)
         return ok
 
     async def __call__(self, scope, receive, send):

@@ -77,6 +77,9 @@ def _settings_from(args: argparse.Namespace) -> Settings:
 def _cmd_serve(args) -> int:
     from .serve import ServeError, serve
 
+    if args.api_keys:
+        print("leanserve: warning: --api-key shows in the process list; use LEANSERVE_API_KEYS or --api-key-file",
+              file=sys.stderr)
     settings = _settings_from(args)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:

@@ -42,6 +42,7 @@ from typing import Any, Optional, Sequence
 import aiohttp
 
 from ..errors import APIError, normalize_upstream_error
+from ..http_common import UPSTREAM_ERRORS, Retry, open_upstream, read_capped, stream_ended, upstream_failure
 from ..schema import engine_body
 from ..sse import DONE_EVENT, TOKEN, USAGE, EventSplitter, classify, load_event
 from .policy import Decision, ThoughtTrimmer, TrimConfig, estimate_tokens
@@ -171,7 +172,8 @@ class _Timed(Verifier):
 def _usage_counts(u: Any) -> tuple[int, int]:
     if not isinstance(u, dict):
         return 0, 0
-    return int(u.get("prompt_tokens") or 0), int(u.get("completion_tokens") or 0)
+    p, c = u.get("prompt_tokens"), u.get("completion_tokens")
+    return (p if type(p) is int else 0), (c if type(c) is int else 0)
 
 
 @dataclass
@@ -281,8 +283,6 @@ class TrimmedStream:
 
     # ---- first call ---------------------------------------------------------------------------
     async def _first(self, resp: aiohttp.ClientResponse) -> None:
-        from ..relay import CONNECT_ERRORS, _Retry, upstream_failure
-
         splitter, failure = EventSplitter(), None
         try:
             while True:
@@ -319,12 +319,13 @@ class TrimmedStream:
                     else:
                         self.sink.raw(ev)
                 await self.sink.flush()
-        except (*CONNECT_ERRORS, asyncio.TimeoutError) as e:
+        except UPSTREAM_ERRORS as e:
             kind, failure = upstream_failure(e, "stream")
-            self.gw.metrics.upstream_errors.labels(self.replica.url, kind).inc()
+            self.gw.metrics.upstream_errors.labels(self.replica.label, kind).inc()
             if not self.rr.started:  # nothing reached the client yet (never, for stream=false): retry
-                raise _Retry(failure)
-            log.warning("engine %s broke mid-stream: %r", self.replica.url, e)
+                raise Retry(failure)
+            log.warning("request %s: engine %s broke mid-stream: %s", self.rr.rid, self.replica.label,
+                        failure.message)
         # the first call ended without a cut
         self._stop_trimmer()
         if self.held:  # the stream broke off inside the thinking: what was held back is not cut
@@ -336,13 +337,14 @@ class TrimmedStream:
             self.rr._account(self.usage1.get("usage"), [])
             self.sink.usage(self.usage1)
         if not self.saw_done:
-            self.sink.error(failure or APIError(502, "the engine stream ended unexpectedly", code="engine_error"))
+            self.sink.error(failure or stream_ended())
 
     async def _first_token(self, ev: bytes, now: float) -> None:
         data = load_event(ev)
         if self.head is None:
             self.head = {"id": data.get("id"), "object": data.get("object") or "chat.completion.chunk",
                          "created": data.get("created"), "model": data.get("model")}
+            self.rr.first_token_seen()
         if self.rr.stream:
             if self.last_token_at:
                 self.itl.observe(now - self.last_token_at)
@@ -538,22 +540,15 @@ class TrimmedStream:
         return json.dumps(body).encode()
 
     async def _continue(self) -> None:
-        from ..relay import CONNECT_ERRORS
-
         gw, payload = self.gw, self._continuation_body()
         replica, tried, acquired = self.replica, {self.replica}, None
         resp = None
         try:
             while True:
                 try:
-                    resp = await gw.client.post(replica.url + self.rr.path, data=payload,
-                                                headers={"content-type": "application/json"})
+                    resp = await open_upstream(gw, replica, self.rr.path, payload)
                     break
-                except (*CONNECT_ERRORS, asyncio.TimeoutError) as e:
-                    timeout = isinstance(e, asyncio.TimeoutError)
-                    gw.metrics.upstream_errors.labels(replica.url, "timeout" if timeout else "connect").inc()
-                    if not timeout:
-                        gw.pool.set_health(replica, False)
+                except Retry as r:
                     if acquired is not None:
                         gw.pool.release(acquired)
                         acquired = None
@@ -561,14 +556,14 @@ class TrimmedStream:
                         replica = gw.pool.pick(self.model, exclude=tried)
                     except APIError:
                         return self._fail(APIError(502, f"the engine did not take the trimmed continuation: "
-                                                        f"{type(e).__name__}", code="engine_error"))
+                                                        f"{r.error.message}", code="engine_error"))
                     tried.add(replica)
                     gw.pool.acquire(replica)
                     acquired = replica
             if resp.status != 200:
                 try:
-                    raw = await resp.read()
-                except (*CONNECT_ERRORS, asyncio.TimeoutError):
+                    raw = await read_capped(resp)
+                except UPSTREAM_ERRORS:
                     raw = b""
                 err = normalize_upstream_error(resp.status, raw)["error"]
                 code = err.get("code") if isinstance(err.get("code"), str) else "engine_error"
@@ -582,13 +577,11 @@ class TrimmedStream:
                 gw.pool.release(acquired)
 
     def _fail(self, err: APIError) -> None:
-        log.warning("trimmed continuation failed: %s", err.message)
+        log.warning("request %s: trimmed continuation failed: %s", self.rr.rid, err.message)
         self.rr._account({"prompt_tokens": self.p1, "completion_tokens": self.c1}, [])
         self.sink.error(err)
 
     async def _relay_continuation(self, resp: aiohttp.ClientResponse, replica: Any) -> None:
-        from ..relay import CONNECT_ERRORS
-
         splitter, done, usage2 = EventSplitter(), False, None
         try:
             async for chunk in resp.content.iter_any():
@@ -611,9 +604,10 @@ class TrimmedStream:
                     else:
                         self.sink.raw(ev)
                 await self.sink.flush()
-        except (*CONNECT_ERRORS, asyncio.TimeoutError) as e:
-            self.gw.metrics.upstream_errors.labels(replica.url, "stream").inc()
-            log.warning("engine %s broke during a trimmed continuation: %r", replica.url, e)
+        except UPSTREAM_ERRORS as e:
+            kind, _ = upstream_failure(e, "stream")
+            self.gw.metrics.upstream_errors.labels(replica.label, kind).inc()
+            log.warning("request %s: engine %s broke during a trimmed continuation: %r", self.rr.rid, replica.label, e)
         if usage2 is not None:
             total = self._sum_usage(usage2)
             self.rr._account(total, [])
@@ -621,7 +615,7 @@ class TrimmedStream:
         else:  # no usage from the continuation: count what is known
             self.rr._account({"prompt_tokens": self.p1, "completion_tokens": self.c1}, [])
         if not done:
-            self.sink.error(APIError(502, "the engine stream ended unexpectedly", code="engine_error"))
+            self.sink.error(stream_ended())
 
     def _sum_usage(self, u2: dict) -> dict:
         p2, c2 = _usage_counts(u2)
