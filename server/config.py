@@ -38,6 +38,10 @@ class Settings(BaseSettings):
     )
     api_key_file: str = Field("", description="file with accepted API keys, one per line (or sha256:HEX); "
                               "added to api_keys")
+    key_max_concurrency: int = Field(0, ge=0, description="requests in flight per API key; beyond that 429 "
+                                     "(0 = no per-key limit)")
+    key_tokens_per_minute: int = Field(0, ge=0, description="prompt + completion tokens per minute per API key; "
+                                       "beyond that 429 with Retry-After (0 = no per-key limit)")
     protect_ops_endpoints: bool = Field(False, description="require an API key for /health, /ready and /metrics too")
     max_concurrency: int = Field(64, ge=1, description="requests served at once; more wait in the queue")
     max_queue: int = Field(256, ge=0, description="requests allowed to wait; beyond that 429")
