@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -69,6 +69,8 @@ class Settings(BaseSettings):
     shutdown_grace: float = Field(30.0, ge=0, description="seconds in-flight requests may run on after SIGTERM; "
                                   "then streams end with an error event + [DONE]")
     log_level: str = Field("info", description="gateway log level")
+    log_format: Literal["text", "json"] = Field("text", description="gateway logs as text lines or one JSON "
+                                                "object per line (request bodies are never logged)")
     # thought trimming (server/trimming/stream.py)
     trim_default: bool = Field(False, description="trim thinking of chat requests that do not set `trim`")
     trim_verifier_url: str = Field("", description="OpenAI-compatible server the 'model' trim verifier asks "
