@@ -372,11 +372,11 @@ class RelayResponse:
             raise Retry(APIError(502, "the engine answered 200 with a body that is not a JSON object",
                                  code="engine_protocol_error"), retry=False)
         choices = data.get("choices")
-        self._account(data.get("usage"), choices if isinstance(choices, list) else [])
+        self.account(data.get("usage"), choices if isinstance(choices, list) else [])
         await send({"type": "http.response.start", "status": 200, "headers": JSON_HEADERS})
         await send({"type": "http.response.body", "body": raw})
 
-    def _account(self, usage: Any, choices: list) -> None:
+    def account(self, usage: Any, choices: list) -> None:
         """Token and finish metrics from what the engine reported; malformed values are not counted."""
         m = self.gw.metrics
         if isinstance(usage, dict):
@@ -418,10 +418,10 @@ class RelayResponse:
                             self.first_token_seen()
                         last_token_at = now
                         if b'"finish_reason":' in ev and FINISHED.search(ev):
-                            self._account(None, _choices(ev))
+                            self.account(None, _choices(ev))
                     elif kind is USAGE:
                         usage = load_event(ev).get("usage")
-                        self._account(usage, [])
+                        self.account(usage, [])
                         if not self.client_wants_usage:
                             continue
                     elif kind is DONE_EVENT:
