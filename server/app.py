@@ -21,6 +21,7 @@ from .discovery import DNSDiscovery, Resolver, getaddrinfo_resolver
 from .errors import APIError, error_body
 from .metrics import Metrics
 from .drain import Drain
+from .key_limits import KeyLimits
 from .openapi_routes import document_relay_routes
 from .relay import Deadlines, Gateway, RelayRoutes
 from .replicas import ReplicaPool
@@ -61,8 +62,12 @@ def create_app(settings: Settings, metrics: Metrics | None = None, resolver: Res
                                   total=settings.upstream_total_timeout, retries=settings.upstream_retries,
                                   body=settings.body_timeout)
             bodies = BodyBudget(settings.max_pending_body_bytes, settings.retry_after, metrics)
+            key_limits = (KeyLimits(settings.key_max_concurrency, settings.key_tokens_per_minute,
+                                    settings.retry_after, metrics)
+                          if settings.api_keys and (settings.key_max_concurrency or settings.key_tokens_per_minute)
+                          else None)
             state["gw"] = Gateway(pool, admission, client, metrics, TrimService.from_settings(settings),
-                                  deadlines=deadlines, drain=drain, bodies=bodies)
+                                  deadlines=deadlines, drain=drain, bodies=bodies, key_limits=key_limits)
             try:
                 yield
             finally:

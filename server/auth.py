@@ -10,6 +10,7 @@ from .errors import APIError
 from .http_common import send_json
 
 OPS_PATHS = ("/health", "/ready", "/metrics")
+KEY_SCOPE = "leanserve.api_key"  # scope entry: the id of the key the request came with
 
 
 class APIKeyAuth:
@@ -19,13 +20,15 @@ class APIKeyAuth:
         self.keys = [bytes.fromhex(k.removeprefix("sha256:")) for k in keys]
         self.protect_ops = protect_ops
 
-    def _valid(self, token: bytes) -> bool:
+    def _match(self, token: bytes) -> str | None:
+        """The matching key's id (a prefix of its hash: for per-key limits, never the key), or None."""
         # Compare against every key without short-circuit: timing reveals neither key nor position.
         digest = hashlib.sha256(token).digest()
-        ok = False
+        found = None
         for k in self.keys:
-            ok |= hmac.compare_digest(digest, k)
-        return ok
+            if hmac.compare_digest(digest, k):
+                found = k
+        return found.hex()[:16] if found is not None else None
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or not self.keys or (scope["path"] in OPS_PATHS and not self.protect_ops):
@@ -38,7 +41,9 @@ class APIKeyAuth:
                     token = b""
                 token = token.strip()
                 break
-        if token and self._valid(token):
+        key = self._match(token) if token else None
+        if key is not None:
+            scope[KEY_SCOPE] = key
             return await self.app(scope, receive, send)
         msg = ("You didn't provide an API key. Provide it in the Authorization header (Bearer YOUR_KEY)."
                if not token else "Incorrect API key provided.")

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -38,6 +38,10 @@ class Settings(BaseSettings):
     )
     api_key_file: str = Field("", description="file with accepted API keys, one per line (or sha256:HEX); "
                               "added to api_keys")
+    key_max_concurrency: int = Field(0, ge=0, description="requests in flight per API key; beyond that 429 "
+                                     "(0 = no per-key limit)")
+    key_tokens_per_minute: int = Field(0, ge=0, description="prompt + completion tokens per minute per API key; "
+                                       "beyond that 429 with Retry-After (0 = no per-key limit)")
     protect_ops_endpoints: bool = Field(False, description="require an API key for /health, /ready and /metrics too")
     max_concurrency: int = Field(64, ge=1, description="requests served at once; more wait in the queue")
     max_queue: int = Field(256, ge=0, description="requests allowed to wait; beyond that 429")
@@ -65,6 +69,8 @@ class Settings(BaseSettings):
     shutdown_grace: float = Field(30.0, ge=0, description="seconds in-flight requests may run on after SIGTERM; "
                                   "then streams end with an error event + [DONE]")
     log_level: str = Field("info", description="gateway log level")
+    log_format: Literal["text", "json"] = Field("text", description="gateway logs as text lines or one JSON "
+                                                "object per line (request bodies are never logged)")
     # thought trimming (server/trimming/stream.py)
     trim_default: bool = Field(False, description="trim thinking of chat requests that do not set `trim`")
     trim_verifier_url: str = Field("", description="OpenAI-compatible server the 'model' trim verifier asks "

@@ -17,11 +17,13 @@ from typing import Any
 import aiohttp
 
 from .admission import Admission
+from .auth import KEY_SCOPE
 from .body_budget import BodyBudget
 from .drain import Drain
 from .errors import APIError, normalize_upstream_error
 from .http_common import (JSON_HEADERS, RETRY_STATUSES, SSE_HEADERS, UPSTREAM_ERRORS, Retry, error_event,
                           open_upstream, read_capped, send_json, stream_ended, upstream_failure)
+from .key_limits import KeyLimits
 from .metrics import Metrics
 from .replicas import Replica, ReplicaPool
 from .schema import engine_body, parse_body
@@ -52,6 +54,7 @@ class Gateway:
     deadlines: Deadlines = field(default_factory=Deadlines)
     drain: Drain = field(default_factory=Drain)
     bodies: BodyBudget | None = None
+    key_limits: KeyLimits | None = None  # per-API-key concurrency and tokens per minute
 
 
 async def _wait_disconnect(receive) -> None:
@@ -92,7 +95,8 @@ class RelayRoutes:
         except APIError as e:
             gw.metrics.requests.labels("unknown", endpoint, str(e.status)).inc()
             return await send_json(send, e.status, e.body(), {**e.headers, "x-request-id": rid})
-        await RelayResponse(gw, body, trim, scope["path"], endpoint, arrival, rid)(scope, receive, send)
+        await RelayResponse(gw, body, trim, scope["path"], endpoint, arrival, rid,
+                            scope.get(KEY_SCOPE))(scope, receive, send)
 
 
 def request_id(headers) -> str:
@@ -152,8 +156,9 @@ class RelayResponse:
     """ASGI app for one proxied request."""
 
     def __init__(self, gw: Gateway, body: dict, trim: TrimConfig | None, path: str, endpoint: str, arrival: float,
-                 rid: str = ""):
+                 rid: str = "", key: str | None = None):
         self.gw, self.body, self.path, self.endpoint, self.arrival = gw, body, path, endpoint, arrival
+        self.key = key if gw.key_limits is not None else None  # the API key's id, when per-key limits apply
         self.rid = rid or uuid.uuid4().hex
         self._rid_header = (b"x-request-id", self.rid.encode())
         self.model: str = body.get("model") or ""
@@ -236,14 +241,24 @@ class RelayResponse:
                 self.body["model"] = self.model
             gw.pool.pick(self.model)  # fail fast (404/503) before queueing
             self.metric_model = self.model  # a served model: safe as a label
-            await gw.admission.acquire()
+            if self.key is not None:
+                gw.key_limits.admit(self.key)
         except APIError as e:
             await send_json(send, e.status, e.body(), e.headers)
             return
         try:
-            await self._dispatch(send)
+            try:
+                await gw.admission.acquire()
+            except APIError as e:
+                await send_json(send, e.status, e.body(), e.headers)
+                return
+            try:
+                await self._dispatch(send)
+            finally:
+                gw.admission.release()
         finally:
-            gw.admission.release()
+            if self.key is not None:
+                gw.key_limits.release(self.key)
 
     def _upstream_body(self) -> bytes:
         if self.trim is not None:
@@ -357,20 +372,24 @@ class RelayResponse:
             raise Retry(APIError(502, "the engine answered 200 with a body that is not a JSON object",
                                  code="engine_protocol_error"), retry=False)
         choices = data.get("choices")
-        self._account(data.get("usage"), choices if isinstance(choices, list) else [])
+        self.account(data.get("usage"), choices if isinstance(choices, list) else [])
         await send({"type": "http.response.start", "status": 200, "headers": JSON_HEADERS})
         await send({"type": "http.response.body", "body": raw})
 
-    def _account(self, usage: Any, choices: list) -> None:
+    def account(self, usage: Any, choices: list) -> None:
         """Token and finish metrics from what the engine reported; malformed values are not counted."""
         m = self.gw.metrics
         if isinstance(usage, dict):
             b = m.bound(self.model, self.endpoint)
             p, c = usage.get("prompt_tokens"), usage.get("completion_tokens")
-            if type(p) is int and p > 0:
+            p = p if type(p) is int and p > 0 else 0
+            c = c if type(c) is int and c > 0 else 0
+            if p:
                 b.prompt_tokens.inc(p)
-            if type(c) is int and c > 0:
+            if c:
                 b.completion_tokens.inc(c)
+            if self.key is not None:
+                self.gw.key_limits.spend(self.key, p + c)
         for c in choices:
             if isinstance(c, dict) and isinstance(c.get("finish_reason"), str):
                 m.finished.labels(self.model, c["finish_reason"][:32]).inc()
@@ -399,10 +418,10 @@ class RelayResponse:
                             self.first_token_seen()
                         last_token_at = now
                         if b'"finish_reason":' in ev and FINISHED.search(ev):
-                            self._account(None, _choices(ev))
+                            self.account(None, _choices(ev))
                     elif kind is USAGE:
                         usage = load_event(ev).get("usage")
-                        self._account(usage, [])
+                        self.account(usage, [])
                         if not self.client_wants_usage:
                             continue
                     elif kind is DONE_EVENT:

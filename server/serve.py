@@ -76,8 +76,10 @@ def serve(settings: Settings) -> int:
     app = create_app(settings)
     # The drain (server/drain.py) has already let requests finish or ended them: uvicorn's own graceful
     # phase only has to close connections.
+    # log_config=None: uvicorn's loggers go through ours (JSON when asked) instead of its own handlers.
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                            access_log=False, timeout_graceful_shutdown=5, http=app.state.http_protocol)
+                            access_log=False, timeout_graceful_shutdown=5, http=app.state.http_protocol,
+                            log_config=None if settings.log_format == "json" else uvicorn.config.LOGGING_CONFIG)
     server = DrainingServer(config, app.state.drain, settings.shutdown_grace)
     died: list[int] = []
 

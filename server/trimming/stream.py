@@ -37,7 +37,7 @@ import json
 import logging
 import time
 from dataclasses import dataclass, field, replace
-from typing import Any, Optional, Sequence
+from typing import Any, Optional, Protocol, Sequence
 
 import aiohttp
 
@@ -55,6 +55,24 @@ log = logging.getLogger("leanserve.trimming.stream")
 CLOSING_PHRASE = "Okay, I think I have finished thinking."
 REASONING_FIELDS = ("reasoning", "reasoning_content")
 _RULE = RuleVerifier()
+
+
+class RelayedRequest(Protocol):
+    """What the trimmed relay uses of the request it serves (server/relay.py's RelayResponse)."""
+    gw: Any  # the Gateway: pool, client, metrics
+    body: dict
+    model: str
+    path: str
+    endpoint: str
+    stream: bool
+    client_wants_usage: bool
+    started: bool  # response headers sent
+    arrival: float
+    rid: str
+
+    def account(self, usage: Any, choices: list) -> None: ...  # token and finish metrics (and key budgets)
+
+    def first_token_seen(self) -> None: ...  # the first-token deadline is met
 
 
 # ---- per-gateway service and per-request plan ---------------------------------------------------
@@ -147,7 +165,7 @@ class TrimPlan:
                                "continuous_usage_stats": True}
         return json.dumps(b).encode()
 
-    async def relay(self, rr: Any, resp: aiohttp.ClientResponse, replica: Any, send) -> None:
+    async def relay(self, rr: RelayedRequest, resp: aiohttp.ClientResponse, replica: Any, send) -> None:
         await TrimmedStream(self, rr, replica, send).run(resp)
 
 
@@ -186,7 +204,7 @@ class _Cut:
 
 # ---- one trimmed request --------------------------------------------------------------------------
 class TrimmedStream:
-    def __init__(self, plan: TrimPlan, rr: Any, replica: Any, send):
+    def __init__(self, plan: TrimPlan, rr: RelayedRequest, replica: Any, send):
         self.plan, self.rr, self.replica = plan, rr, replica
         self.gw = rr.gw
         self.model = rr.model
@@ -334,7 +352,7 @@ class TrimmedStream:
                                                           "finish_reason": None}]})
             self.sent, self.held = self.total, ""
         if self.usage1 is not None:
-            self.rr._account(self.usage1.get("usage"), [])
+            self.rr.account(self.usage1.get("usage"), [])
             self.sink.usage(self.usage1)
         if not self.saw_done:
             self.sink.error(failure or stream_ended())
@@ -379,7 +397,7 @@ class TrimmedStream:
         finished = bool(choice.get("finish_reason"))
         if finished:
             self.ended = True
-            self.rr._account(None, [choice])
+            self.rr.account(None, [choice])
         if self.mode is None or self.phase == "after" and not self.held:
             self.sink.emit(data)  # nothing to watch (no text yet, or thinking is over)
             return
@@ -578,7 +596,7 @@ class TrimmedStream:
 
     def _fail(self, err: APIError) -> None:
         log.warning("request %s: trimmed continuation failed: %s", self.rr.rid, err.message)
-        self.rr._account({"prompt_tokens": self.p1, "completion_tokens": self.c1}, [])
+        self.rr.account({"prompt_tokens": self.p1, "completion_tokens": self.c1}, [])
         self.sink.error(err)
 
     async def _relay_continuation(self, resp: aiohttp.ClientResponse, replica: Any) -> None:
@@ -610,10 +628,10 @@ class TrimmedStream:
             log.warning("request %s: engine %s broke during a trimmed continuation: %r", self.rr.rid, replica.label, e)
         if usage2 is not None:
             total = self._sum_usage(usage2)
-            self.rr._account(total, [])
+            self.rr.account(total, [])
             self.sink.usage(self._usage_chunk(total))
         else:  # no usage from the continuation: count what is known
-            self.rr._account({"prompt_tokens": self.p1, "completion_tokens": self.c1}, [])
+            self.rr.account({"prompt_tokens": self.p1, "completion_tokens": self.c1}, [])
         if not done:
             self.sink.error(stream_ended())
 
@@ -642,7 +660,7 @@ class TrimmedStream:
             if r:
                 delta["content"] = r + (delta.get("content") or "")
         if choice.get("finish_reason"):
-            self.rr._account(None, [choice])
+            self.rr.account(None, [choice])
         if delta.get("content") or choice.get("finish_reason") or _meaningful(data, choice, delta, "content"):
             self.sink.emit(data)
 
