@@ -43,7 +43,8 @@ def create_app(settings: Settings, metrics: Metrics | None = None, resolver: Res
         # sock_read bounds silence between bytes, not the whole (possibly long) generation.
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=settings.upstream_connect_timeout,
                                         sock_read=settings.upstream_timeout)
-        connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300)
+        # Idle pooled connections are dropped before uvicorn's (vLLM's) 5 s keep-alive closes them from its side.
+        connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, keepalive_timeout=4)
         # We ask engines for identity encoding; a proxy that compresses anyway is decoded, not relayed corrupt.
         async with aiohttp.ClientSession(timeout=timeout, connector=connector, auto_decompress=True) as client:
             pool = ReplicaPool(settings.engines, client, metrics, settings.health_interval,

@@ -45,8 +45,11 @@ def upstream_failure(e: BaseException, kind: str) -> tuple[str, APIError]:
     if isinstance(e, (aiohttp.ClientResponseError, SSEError)):  # garbage, an oversized header, a huge event
         return "protocol", APIError(502, f"the engine broke the HTTP protocol: {_short(e)}",
                                     code="engine_protocol_error")
-    if kind == "connect" and isinstance(e, aiohttp.ClientConnectionError):
+    if kind == "connect" and isinstance(e, aiohttp.ClientConnectorError):  # refused, unreachable, DNS
         return kind, APIError(503, f"engine unreachable: {type(e).__name__}", code="engine_unavailable")
+    if kind == "connect":  # connected, then closed before answering (a crash, or a pooled connection's race)
+        return "disconnect", APIError(503, f"the engine closed the connection: {type(e).__name__}",
+                                      code="engine_unavailable")
     return kind, APIError(502, f"the engine connection broke: {type(e).__name__}", code="engine_error")
 
 

@@ -13,6 +13,7 @@ gzip                  the normal answer, gzip-compressed (content-encoding: gzip
 crlf_sse              the normal stream, events framed with CRLF CRLF
 close_mid_stream      two token events, then the connection closes (no chunked terminator)
 close_before_events   SSE headers, then the connection closes
+close_before_headers  read the request, then close without answering
 string_usage          the normal answer with usage.prompt_tokens as a string
 huge_event            one event that never ends (2 MB without a separator)
 ok                    the normal answer
@@ -140,6 +141,8 @@ class MisbehavingEngine:
         req = json.loads(body)
         self.requests.append(req)
         chat, stream, mode = path.endswith("/chat/completions"), bool(req.get("stream")), self.mode
+        if mode == "close_before_headers":
+            return False
         if mode == "stall_before_headers":
             await self._wait_close(reader)
             return False

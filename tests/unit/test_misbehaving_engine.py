@@ -98,7 +98,7 @@ def test_protocol_garbage_is_502(bad_engine, make_gateway, mode):
         assert_openai_error(post(gw, {**CHAT, "stream": stream}), 502, "engine_protocol_error")
 
 
-@pytest.mark.parametrize("mode", ["garbage", "huge_header", "html_502", "close_before_events"])
+@pytest.mark.parametrize("mode", ["garbage", "huge_header", "html_502", "close_before_events", "close_before_headers"])
 def test_broken_replica_is_retried_on_a_healthy_one(bad_engine, upstream, make_gateway, mode):
     bad = bad_engine(mode)
     gw = make_gateway([bad.url, upstream.url])
@@ -106,6 +106,12 @@ def test_broken_replica_is_retried_on_a_healthy_one(bad_engine, upstream, make_g
         r = post(gw, {**CHAT, "stream": stream})
         assert r.status_code == 200, r.text
     assert len(upstream.requests) == 2 and len(bad.requests) >= 1
+
+
+def test_close_before_answering_is_503_and_not_engine_down(bad_engine, make_gateway):
+    gw = make_gateway([bad_engine("close_before_headers").url], health_interval=60)
+    assert_openai_error(post(gw, CHAT), 503, "engine_unavailable")
+    assert httpx.get(gw.url + "/ready").json()["engines"][0]["healthy"] is True  # it answers its probes
 
 
 def test_html_502_alone_is_an_openai_shaped_502(bad_engine, make_gateway):
