@@ -15,8 +15,10 @@ class BodyBudget:
     def reserve(self, n: int) -> None:
         if n and self.reserved + n > self.limit:
             self._m.rejections.labels("body_budget").inc()
+            # The body is left unread, so the connection cannot carry another request: close it. Left open,
+            # uvicorn would cancel its keep-alive timer on the body's next bytes and hold it forever.
             raise APIError(429, "The server is receiving too many request bodies at once. Retry later.",
-                           code="body_budget", headers={"Retry-After": str(self.retry_after)})
+                           code="body_budget", headers={"Retry-After": str(self.retry_after), "Connection": "close"})
         self.reserved += n
         self._m.body_bytes_reserved.set(self.reserved)
 

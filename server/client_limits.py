@@ -6,7 +6,10 @@ token), and its limit_concurrency counts tasks and answers in plain text, so the
 * header deadline: request line + headers must arrive within `header_timeout` of the connection (or of the
   request's first byte on a kept-alive connection) — slow-loris and silent connections are closed (408);
 * header size and count: at most `max_header_bytes` and `max_headers` (431, then close);
-* connections: at most `max_connections` open; one more gets 503 and is closed at once.
+* connections: at most `max_connections` open; one more gets 503 and is closed at once;
+* lingering close: a connection closed while the client is still sending (a refused body, a 431 header) is
+  half-closed after the answer and its input discarded until the client closes or `linger` seconds pass.
+  Closed outright, the kernel would answer the unread bytes with a reset and the client lose the answer.
 
 The body deadline and the bound on buffered bodies are the relay's (server/relay.py, server/body_budget.py):
 bodies are read only by the relay routes."""
@@ -29,6 +32,23 @@ class ClientLimits:
     max_header_bytes: int = 16 * 1024
     max_headers: int = 100
     max_connections: int = 2048
+    linger: float = 5.0
+
+
+class _LingeringTransport:
+    """What a request cycle sees of the connection: close() lingers while the request is still arriving."""
+
+    def __init__(self, transport, protocol):
+        self._t, self._p = transport, protocol
+
+    def close(self) -> None:
+        self._p.close_lingering()
+
+    def is_closing(self) -> bool:
+        return self._p.lingering or self._t.is_closing()
+
+    def __getattr__(self, name):
+        return getattr(self._t, name)
 
 
 def raw_error(status: int, message: str, code: str) -> bytes:
@@ -53,6 +73,8 @@ def limited_protocol(limits: ClientLimits, metrics: Metrics | None = None) -> ty
             self._raw = 0  # bytes fed while the current request's headers are incomplete
             self._headers_done = False
             self._timer = None
+            self.lingering = False
+            self._in_message = False  # a request has begun and its last body byte has not been parsed
             if len(self.connections) > limits.max_connections:
                 self._reject(503, "too many open connections; retry later", "too_many_connections")
                 return
@@ -79,15 +101,36 @@ def limited_protocol(limits: ClientLimits, metrics: Metrics | None = None) -> ty
                 metrics.client_limit_hits.labels(code).inc()
             if not self.transport.is_closing():
                 self.transport.write(raw_error(status, message, code))
-                self.transport.close()
+                self.close_lingering()
+
+        def close_lingering(self) -> None:
+            t = self.transport
+            if self.lingering or t.is_closing():
+                return
+            if not self._in_message or not t.can_write_eof():
+                t.close()
+                return
+            self.lingering = True
+            self._disarm()
+            t.write_eof()  # the answer, then FIN; the client's close (eof_received) or the timer ends it
+            self.flow.resume_reading()
+            self._timer = self.loop.call_later(limits.linger, t.close)
+
+        def on_response_complete(self) -> None:
+            if self._in_message:  # answered before its body arrived: the rest cannot be trusted to come
+                self.close_lingering()
+            if self.lingering:
+                self.server_state.total_requests += 1
+                return
+            super().on_response_complete()
 
         def connection_lost(self, exc) -> None:
             self._disarm()
             super().connection_lost(exc)
 
         def data_received(self, data: bytes) -> None:
-            if self._rejected:
-                return
+            if self._rejected or self.lingering:
+                return  # discarded: the answer has been sent
             # httptools hands a header over only once it is complete: bound what it buffers meanwhile.
             if not self._headers_done and self._raw > limits.max_header_bytes:
                 self._reject(431, f"request headers larger than {limits.max_header_bytes} bytes",
@@ -103,6 +146,7 @@ def limited_protocol(limits: ClientLimits, metrics: Metrics | None = None) -> ty
 
         def on_message_begin(self) -> None:
             super().on_message_begin()
+            self._in_message = True
             self._hdr_bytes = self._hdr_count = self._raw = 0
             self._headers_done = False
             if self._timer is None:  # a kept-alive connection's next request
@@ -131,9 +175,12 @@ def limited_protocol(limits: ClientLimits, metrics: Metrics | None = None) -> ty
             self._disarm()
             self._headers_done, self._raw = True, 0
             super().on_headers_complete()
+            if self.cycle is not None and not isinstance(self.cycle.transport, _LingeringTransport):
+                self.cycle.transport = _LingeringTransport(self.transport, self)
 
         def on_message_complete(self) -> None:
             self._headers_done = True  # nothing to bound until the next request begins
+            self._in_message = False
             super().on_message_complete()
 
     return LimitedHttpToolsProtocol

@@ -3,8 +3,11 @@ bodies are cut at their deadline (408), connections beyond the cap are refused (
 bodies cannot make the gateway hold more than max_pending_body_bytes. Every refusal is OpenAI-shaped."""
 import json
 import socket
+import time
 
 import httpx
+
+from server.client_limits import ClientLimits
 
 from tests.support.fake_upstream import MODEL
 from tests.support.probes import metric, wait_for
@@ -116,12 +119,29 @@ def test_unfinished_bodies_stay_within_the_budget(upstream, make_gateway):
         s.sendall(request_head(length=size) + b"\r\n" + b"x" * 65536)  # 64 KB of 7 MB, then nothing
         held.append(s)
         assert wait_for(lambda: seen() == i + 1)  # one at a time, so the first two are the ones admitted
-    # The first two fit the budget and wait for the rest of their bodies; every other one is refused at once.
+    # The first two fit the budget and wait for the rest of their bodies; every other one is refused at once,
+    # and its connection is closed at once (its unread body would otherwise hold it open).
     for s in held[2:]:
-        status, err = status_and_error(read_all(s))
-        assert status == 429 and err["code"] == "body_budget"
+        raw = read_all(s)
+        status, err = status_and_error(raw)
+        assert status == 429 and err["code"] == "body_budget" and b"connection: close" in raw.lower()
     assert metric(gw.url, "leanserve_request_body_bytes_reserved") == 2 * size <= budget
     for s in held:
         s.close()
     assert wait_for(lambda: metric(gw.url, "leanserve_request_body_bytes_reserved") == 0)
+    assert httpx.post(gw.url + "/v1/chat/completions", json=CHAT).status_code == 200
+
+
+def test_a_refused_body_still_arriving_gets_its_answer_not_a_reset(upstream, make_gateway):
+    gw = make_gateway([upstream.url], max_pending_body_bytes=1024 * 1024)
+    s = connect(gw)
+    s.sendall(request_head(length=8 * 1024 * 1024) + b"\r\n" + b"x" * 65536)
+    time.sleep(0.3)  # refused by now; the client goes on sending, as clients that write the body first do
+    for _ in range(16):
+        s.sendall(b"x" * 65536)
+    status, err = status_and_error(read_all(s))  # the answer, then the server's FIN; no reset
+    assert status == 429 and err["code"] == "body_budget"
+    # The server half-closed and discards input until the client closes or the linger time is over.
+    assert wait_for(lambda: len(gw.server.server_state.connections) == 0, timeout=ClientLimits.linger + 5)
+    s.close()
     assert httpx.post(gw.url + "/v1/chat/completions", json=CHAT).status_code == 200
