@@ -14,11 +14,16 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from . import __version__
 from .admission import Admission
 from .auth import APIKeyAuth
+from .body_budget import BodyBudget
+from .client_limits import ClientLimits, limited_protocol
 from .config import Settings
 from .discovery import DNSDiscovery, Resolver, getaddrinfo_resolver
 from .errors import APIError, error_body
 from .metrics import Metrics
-from .relay import Gateway, RelayRoutes
+from .drain import Drain
+from .key_limits import KeyLimits
+from .openapi_routes import document_relay_routes
+from .relay import Deadlines, Gateway, RelayRoutes
 from .replicas import ReplicaPool
 from .trimming.stream import TrimService
 
@@ -31,14 +36,17 @@ def create_app(settings: Settings, metrics: Metrics | None = None, resolver: Res
     """`resolver` replaces the system resolver for engine_dns names (tests map names to loopback addresses)."""
     metrics = metrics or Metrics()
     state: dict[str, Gateway] = {}
+    drain = Drain()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         # sock_read bounds silence between bytes, not the whole (possibly long) generation.
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=settings.upstream_connect_timeout,
                                         sock_read=settings.upstream_timeout)
-        connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300)
-        async with aiohttp.ClientSession(timeout=timeout, connector=connector, auto_decompress=False) as client:
+        # Idle pooled connections are dropped before uvicorn's (vLLM's) 5 s keep-alive closes them from its side.
+        connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, keepalive_timeout=4)
+        # We ask engines for identity encoding; a proxy that compresses anyway is decoded, not relayed corrupt.
+        async with aiohttp.ClientSession(timeout=timeout, connector=connector, auto_decompress=True) as client:
             pool = ReplicaPool(settings.engines, client, metrics, settings.health_interval,
                                discovered=bool(settings.engine_dns))
             discovery = (DNSDiscovery(settings.engine_dns, pool, settings.health_interval,
@@ -51,7 +59,16 @@ def create_app(settings: Settings, metrics: Metrics | None = None, resolver: Res
             pool.start()
             admission = Admission(settings.max_concurrency, settings.max_queue, settings.queue_timeout,
                                   settings.retry_after, metrics)
-            state["gw"] = Gateway(pool, admission, client, metrics, TrimService.from_settings(settings))
+            deadlines = Deadlines(first_token=settings.upstream_first_token_timeout,
+                                  total=settings.upstream_total_timeout, retries=settings.upstream_retries,
+                                  body=settings.body_timeout)
+            bodies = BodyBudget(settings.max_pending_body_bytes, settings.retry_after, metrics)
+            key_limits = (KeyLimits(settings.key_max_concurrency, settings.key_tokens_per_minute,
+                                    settings.retry_after, metrics)
+                          if settings.api_keys and (settings.key_max_concurrency or settings.key_tokens_per_minute)
+                          else None)
+            state["gw"] = Gateway(pool, admission, client, metrics, TrimService.from_settings(settings),
+                                  deadlines=deadlines, drain=drain, bodies=bodies, key_limits=key_limits)
             try:
                 yield
             finally:
@@ -63,6 +80,11 @@ def create_app(settings: Settings, metrics: Metrics | None = None, resolver: Res
     app = FastAPI(title="leanserve", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.metrics = metrics
     app.state.gateway = state
+    app.state.drain = drain
+    # uvicorn's `http=`: header size/count/deadline and connection limits (server/client_limits.py)
+    app.state.http_protocol = limited_protocol(ClientLimits(
+        header_timeout=settings.header_timeout, max_header_bytes=settings.max_header_bytes,
+        max_headers=settings.max_headers, max_connections=settings.max_connections), metrics)
 
     @app.exception_handler(APIError)
     async def _api_error(request, exc: APIError):
@@ -91,7 +113,9 @@ def create_app(settings: Settings, metrics: Metrics | None = None, resolver: Res
     @app.get("/ready")
     async def ready():
         pool = state["gw"].pool
-        engines = [{"url": r.url, "healthy": r.healthy, "in_flight": r.in_flight, "draining": r.draining}
+        if drain.stopping:
+            return JSONResponse(error_body(503, "the server is shutting down", code="shutting_down"), status_code=503)
+        engines = [{"url": r.label, "healthy": r.healthy, "in_flight": r.in_flight, "draining": r.draining}
                    for r in pool.replicas + pool.draining]
         if not pool.any_healthy():
             body = error_body(503, "no healthy engine", code="engine_unavailable")
@@ -103,6 +127,7 @@ def create_app(settings: Settings, metrics: Metrics | None = None, resolver: Res
     async def prometheus_metrics():
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
+    document_relay_routes(app)
     app.add_middleware(RelayRoutes, state=state, max_body_bytes=settings.max_body_bytes)
     if settings.api_keys:  # added last = outermost: runs before the relay routes
         app.add_middleware(APIKeyAuth, keys=settings.api_keys, protect_ops=settings.protect_ops_endpoints)

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import logging
 import sys
 from dataclasses import dataclass
 
 from pydantic import ValidationError
 
 from .config import Settings
+from .logs import setup_logging
 
 
 @dataclass(frozen=True)
@@ -77,8 +77,11 @@ def _settings_from(args: argparse.Namespace) -> Settings:
 def _cmd_serve(args) -> int:
     from .serve import ServeError, serve
 
+    if args.api_keys:
+        print("leanserve: warning: --api-key shows in the process list; use LEANSERVE_API_KEYS or --api-key-file",
+              file=sys.stderr)
     settings = _settings_from(args)
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging(settings.log_level, settings.log_format)
     try:
         return serve(settings)
     except ServeError as e:

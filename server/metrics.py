@@ -53,6 +53,12 @@ class Metrics:
                                        ["replica", "kind"], registry=r)
         self.engine_healthy = Gauge(p + "engine_healthy", "1 when the engine's last health probe passed",
                                     ["replica"], registry=r)
+        self.probe_failures = Counter(p + "engine_probe_failures", "Health probes an engine failed (any reason)",
+                                      ["replica"], registry=r)
+        self.body_bytes_reserved = Gauge(p + "request_body_bytes_reserved", "Request body bytes being received "
+                                         "(bounded by max_pending_body_bytes)", registry=r)
+        self.client_limit_hits = Counter(p + "client_limit_hits", "Connections or requests cut by a client limit",
+                                         ["limit"], registry=r)
         self.engine_in_flight = Gauge(p + "engine_requests_in_flight", "Requests the gateway has open on an engine",
                                       ["replica"], registry=r)
         # thought trimming (server/trimming/stream.py)

@@ -10,13 +10,20 @@ import asyncio
 import json
 import logging
 import time
-from dataclasses import dataclass
+import uuid
+from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
 
 from .admission import Admission
+from .auth import KEY_SCOPE
+from .body_budget import BodyBudget
+from .drain import Drain
 from .errors import APIError, normalize_upstream_error
+from .http_common import (JSON_HEADERS, RETRY_STATUSES, SSE_HEADERS, UPSTREAM_ERRORS, Retry, error_event,
+                          open_upstream, read_capped, send_json, stream_ended, upstream_failure)
+from .key_limits import KeyLimits
 from .metrics import Metrics
 from .replicas import Replica, ReplicaPool
 from .schema import engine_body, parse_body
@@ -26,29 +33,14 @@ from .trimming.stream import TrimPlan, TrimService, plan_trim
 
 log = logging.getLogger("leanserve.relay")
 
-SSE_HEADERS = [
-    (b"content-type", b"text/event-stream; charset=utf-8"),
-    (b"cache-control", b"no-cache"),
-    (b"x-accel-buffering", b"no"),  # tell reverse proxies not to buffer the stream
-]
-JSON_HEADERS = [(b"content-type", b"application/json")]
-# aiohttp for the data plane: its C parser costs ~4x less CPU per relayed token than httpx (measured).
-CONNECT_ERRORS = (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError)
-
-
-class _Retry(Exception):
-    """The engine failed before anything reached the client: try another replica."""
-
-
-def upstream_failure(e: BaseException, kind: str) -> tuple[str, APIError]:
-    """(metric kind, error for the client) of a failure while talking to an engine; kind: "connect", "read"
-    or "stream". A read timeout is a timeout whatever else it is (aiohttp's ServerTimeoutError is also a
-    connection error): 504, and the engine is not marked down for being slow."""
-    if isinstance(e, asyncio.TimeoutError):
-        return "timeout", APIError(504, "the engine sent nothing within the upstream timeout", code="engine_timeout")
-    if kind == "connect":
-        return kind, APIError(503, f"engine unreachable: {type(e).__name__}", code="engine_unavailable")
-    return kind, APIError(502, f"the engine connection broke: {type(e).__name__}", code="engine_error")
+@dataclass(frozen=True)
+class Deadlines:
+    """Upstream time limits of one request (seconds): first token (streams and trimmed requests) per
+    attempt, and the total across all attempts; `retries`: further replicas tried after a safe failure."""
+    first_token: float = 300.0
+    total: float = 1800.0
+    retries: int = 2
+    body: float = 30.0  # reading the client's body
 
 
 @dataclass
@@ -59,13 +51,10 @@ class Gateway:
     client: aiohttp.ClientSession
     metrics: Metrics
     trim: TrimService | None = None  # thought trimming settings and verifiers
-
-
-async def send_json(send, status: int, body: Any, headers: dict[str, str] | None = None) -> None:
-    raw = json.dumps(body).encode()
-    hdrs = JSON_HEADERS + [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
-    await send({"type": "http.response.start", "status": status, "headers": hdrs})
-    await send({"type": "http.response.body", "body": raw})
+    deadlines: Deadlines = field(default_factory=Deadlines)
+    drain: Drain = field(default_factory=Drain)
+    bodies: BodyBudget | None = None
+    key_limits: KeyLimits | None = None  # per-API-key concurrency and tokens per minute
 
 
 async def _wait_disconnect(receive) -> None:
@@ -94,40 +83,84 @@ class RelayRoutes:
             return await send_json(send, 405, err.body(), err.headers)
         arrival = time.perf_counter()
         gw: Gateway = self.state["gw"]
+        rid = request_id(scope["headers"])
         try:
-            raw = await _read_body(scope, receive, self.limit)
+            if gw.drain.stopping:
+                raise APIError(503, "The server is shutting down; retry on another instance.",
+                               code="shutting_down", headers={"Connection": "close"})
+            raw = await _read_body(scope, receive, self.limit, gw)
             if raw is None:  # the client left while sending its body
                 return
             body, trim = parse_body(raw, endpoint)
         except APIError as e:
             gw.metrics.requests.labels("unknown", endpoint, str(e.status)).inc()
-            return await send_json(send, e.status, e.body(), e.headers)
-        await RelayResponse(gw, body, trim, scope["path"], endpoint, arrival)(scope, receive, send)
+            return await send_json(send, e.status, e.body(), {**e.headers, "x-request-id": rid})
+        await RelayResponse(gw, body, trim, scope["path"], endpoint, arrival, rid,
+                            scope.get(KEY_SCOPE))(scope, receive, send)
 
 
-async def _read_body(scope, receive, limit: int) -> bytes | None:
+def request_id(headers) -> str:
+    """The client's X-Request-Id when it is a sane token, else a new one; echoed in the response and logs."""
+    for name, value in headers:
+        if name == b"x-request-id":
+            if 0 < len(value) <= 128 and value.isascii() and value.replace(b"-", b"").replace(b"_", b"").replace(
+                    b".", b"").replace(b":", b"").isalnum():
+                return value.decode()
+            break
+    return uuid.uuid4().hex
+
+
+def _too_large(limit: int) -> APIError:
+    return APIError(413, f"request body larger than {limit} bytes", code="body_too_large",
+                    headers={"Connection": "close"})
+
+
+async def _read_body(scope, receive, limit: int, gw: Gateway) -> bytes | None:
+    declared = 0
     for name, value in scope["headers"]:
-        if name == b"content-length" and value.isdigit() and int(value) > limit:
-            raise APIError(413, f"request body larger than {limit} bytes", code="body_too_large")
+        if name == b"content-length" and value.isdigit():
+            declared = int(value)
+            if declared > limit:
+                raise _too_large(limit)
+    budget, reserved = gw.bodies, 0
+    if budget is not None and declared:
+        budget.reserve(declared)  # 429 before a byte is read when too many bodies are arriving
+        reserved = declared
     chunks, size = [], 0
-    while True:
-        msg = await receive()
-        if msg["type"] == "http.disconnect":
-            return None
-        chunk = msg.get("body", b"")
-        size += len(chunk)
-        if size > limit:
-            raise APIError(413, f"request body larger than {limit} bytes", code="body_too_large")
-        chunks.append(chunk)
-        if not msg.get("more_body"):
-            return b"".join(chunks)
+    try:
+        async with asyncio.timeout(gw.deadlines.body):
+            while True:
+                msg = await receive()
+                if msg["type"] == "http.disconnect":
+                    return None
+                chunk = msg.get("body", b"")
+                size += len(chunk)
+                if size > limit:
+                    raise _too_large(limit)
+                if budget is not None and size > reserved:  # chunked, or more than declared
+                    budget.reserve(size - reserved)
+                    reserved = size
+                chunks.append(chunk)
+                if not msg.get("more_body"):
+                    return b"".join(chunks)
+    except TimeoutError:
+        gw.metrics.client_limit_hits.labels("body_timeout").inc()
+        raise APIError(408, f"the request body did not arrive within {gw.deadlines.body:g}s",
+                       code="body_timeout", headers={"Connection": "close"})
+    finally:
+        if reserved:
+            budget.free(reserved)
 
 
 class RelayResponse:
     """ASGI app for one proxied request."""
 
-    def __init__(self, gw: Gateway, body: dict, trim: TrimConfig | None, path: str, endpoint: str, arrival: float):
+    def __init__(self, gw: Gateway, body: dict, trim: TrimConfig | None, path: str, endpoint: str, arrival: float,
+                 rid: str = "", key: str | None = None):
         self.gw, self.body, self.path, self.endpoint, self.arrival = gw, body, path, endpoint, arrival
+        self.key = key if gw.key_limits is not None else None  # the API key's id, when per-key limits apply
+        self.rid = rid or uuid.uuid4().hex
+        self._rid_header = (b"x-request-id", self.rid.encode())
         self.model: str = body.get("model") or ""
         self.metric_model = "unknown"  # client-chosen names never become label values
         self.stream = bool(body.get("stream"))
@@ -135,6 +168,11 @@ class RelayResponse:
         self.client_wants_usage = bool(opts.get("include_usage"))
         self.status = 0  # final status for metrics; 499 = client went away
         self.started = False  # response headers sent to the client
+        self.finished = False  # the last body message was sent
+        self.cut_off = False  # ended by the drain at shutdown
+        self._serving: asyncio.Future | None = None
+        self._timer: asyncio.Timeout | None = None  # the current attempt's deadline
+        self.deadline = 0.0  # loop time by which the whole request must be done
         # Thought trimming (server/trimming/stream.py) serves this request instead of the plain relay.
         self.trim: TrimPlan | None = plan_trim(gw, trim, body, endpoint)
 
@@ -144,19 +182,28 @@ class RelayResponse:
             if msg["type"] == "http.response.start":
                 self.started = True
                 self.status = msg["status"]
+                msg = {**msg, "headers": [*msg["headers"], self._rid_header]}
+            elif not msg.get("more_body"):
+                self.finished = True
             return send(msg)
 
-        serve = asyncio.ensure_future(self._serve(tracked_send))
+        serve = self._serving = asyncio.ensure_future(self._serve(tracked_send))
         watch = asyncio.ensure_future(_wait_disconnect(receive))
+        drain = self.gw.drain
+        drain.active.add(self)
         try:
             done, _ = await asyncio.wait({serve, watch}, return_when=asyncio.FIRST_COMPLETED)
         finally:
+            drain.active.discard(self)
             if not serve.done() and not watch.done():  # we were cancelled ourselves (server shutdown)
                 serve.cancel()
                 watch.cancel()
         if serve in done:
             watch.cancel()
-            serve.result()
+            if serve.cancelled() and self.cut_off:
+                await self._end_at_shutdown(tracked_send)
+            else:
+                serve.result()
         else:
             serve.cancel()
             try:
@@ -167,6 +214,21 @@ class RelayResponse:
             self.status = 499
         self.gw.metrics.requests.labels(self.metric_model, self.endpoint, str(self.status)).inc()
         self.gw.metrics.bound(self.metric_model, self.endpoint).e2e.observe(time.perf_counter() - self.arrival)
+
+    def cut(self) -> None:
+        """The drain's grace period is over: stop serving, _end_at_shutdown writes the ending."""
+        self.cut_off = True
+        if self._serving is not None:
+            self._serving.cancel()
+
+    async def _end_at_shutdown(self, send) -> None:
+        err = APIError(503, "The server is shutting down; the response was cut short.", code="shutting_down")
+        if self.finished:
+            return
+        if not self.started:
+            return await send_json(send, 503, err.body(), {"Connection": "close"})
+        tail = error_event(err) + DONE + b"\n\n" if self.stream else b""
+        await send({"type": "http.response.body", "body": tail, "more_body": False})
 
     # ---- the request --------------------------------------------------------------------------
     async def _serve(self, send) -> None:
@@ -179,14 +241,24 @@ class RelayResponse:
                 self.body["model"] = self.model
             gw.pool.pick(self.model)  # fail fast (404/503) before queueing
             self.metric_model = self.model  # a served model: safe as a label
-            await gw.admission.acquire()
+            if self.key is not None:
+                gw.key_limits.admit(self.key)
         except APIError as e:
             await send_json(send, e.status, e.body(), e.headers)
             return
         try:
-            await self._dispatch(send)
+            try:
+                await gw.admission.acquire()
+            except APIError as e:
+                await send_json(send, e.status, e.body(), e.headers)
+                return
+            try:
+                await self._dispatch(send)
+            finally:
+                gw.admission.release()
         finally:
-            gw.admission.release()
+            if self.key is not None:
+                gw.key_limits.release(self.key)
 
     def _upstream_body(self) -> bytes:
         if self.trim is not None:
@@ -199,8 +271,10 @@ class RelayResponse:
         return json.dumps(body).encode()
 
     async def _dispatch(self, send) -> None:
-        gw = self.gw
+        gw, limits = self.gw, self.gw.deadlines
         payload = self._upstream_body()
+        loop = asyncio.get_running_loop()
+        self.deadline = loop.time() + limits.total  # all attempts together: N replicas never mean N waits
         tried: set[Replica] = set()
         last_error: APIError | None = None
         while True:
@@ -213,34 +287,64 @@ class RelayResponse:
             tried.add(replica)
             gw.pool.acquire(replica)
             try:
-                await self._attempt(replica, payload, send)
+                await self._attempt_in_time(replica, payload, send)
                 return
-            except _Retry as r:
-                last_error = r.args[0]
-                log.warning("engine %s failed before the response started (%s); trying another",
-                            replica.url, last_error.message)
+            except Retry as r:
+                last_error = r.error
+                if not r.retry or len(tried) > limits.retries or loop.time() >= self.deadline:
+                    await send_json(send, r.error.status, r.error.body(), r.error.headers)
+                    return
+                log.warning("request %s: engine %s failed before the response started (%s); trying another",
+                            self.rid, replica.label, last_error.message)
             finally:
                 gw.pool.release(replica)
 
+    def first_token_seen(self) -> None:
+        """The first-token deadline is met: from now on only the total one applies."""
+        t = self._timer
+        if t is not None and t.when() != self.deadline:
+            t.reschedule(self.deadline)
+
+    async def _attempt_in_time(self, replica: Replica, payload: bytes, send) -> None:
+        loop = asyncio.get_running_loop()
+        watches_tokens = self.stream or self.trim is not None
+        first = loop.time() + self.gw.deadlines.first_token if watches_tokens else self.deadline
+        try:
+            async with asyncio.timeout_at(min(first, self.deadline)) as t:
+                self._timer = t
+                await self._attempt(replica, payload, send)
+        except TimeoutError:
+            if not t.expired():
+                raise
+            which = "total" if t.when() >= self.deadline else "first-token"
+            self.gw.metrics.upstream_errors.labels(replica.label, "timeout").inc()
+            secs = self.gw.deadlines.total if which == "total" else self.gw.deadlines.first_token
+            err = APIError(504, f"the engine did not finish within the {which} deadline ({secs:g}s)",
+                           code="engine_timeout")
+            if not self.started:
+                raise Retry(err, retry=which == "first-token")
+            if not self.finished:  # streaming already: end it in-band
+                log.warning("request %s: engine %s missed the %s deadline mid-stream", self.rid, replica.label, which)
+                await send({"type": "http.response.body", "body": error_event(err) + DONE + b"\n\n",
+                            "more_body": False})
+        finally:
+            self._timer = None
+
     async def _attempt(self, replica: Replica, payload: bytes, send) -> None:
         gw = self.gw
-        try:
-            resp = await gw.client.post(replica.url + self.path, data=payload,
-                                        headers={"content-type": "application/json"})
-        except (*CONNECT_ERRORS, asyncio.TimeoutError) as e:
-            kind, err = upstream_failure(e, "connect")
-            gw.metrics.upstream_errors.labels(replica.url, kind).inc()
-            if kind == "connect":
-                gw.pool.set_health(replica, False)
-            raise _Retry(err)
+        resp = await open_upstream(gw, replica, self.path, payload)
         try:
             if resp.status != 200:
-                raw = await resp.read()
+                try:
+                    raw = await read_capped(resp)
+                except UPSTREAM_ERRORS:
+                    raw = b""
                 err = normalize_upstream_error(resp.status, raw)
                 if resp.status >= 500:
-                    gw.metrics.upstream_errors.labels(replica.url, f"http_{resp.status}").inc()
-                    raise _Retry(APIError(resp.status, err["error"]["message"], code=err["error"]["code"]))
-                await send_json(send, resp.status, err)
+                    gw.metrics.upstream_errors.labels(replica.label, f"http_{resp.status}").inc()
+                error = APIError(resp.status, err["error"]["message"], param=err["error"]["param"],
+                                 code=err["error"]["code"])
+                raise Retry(error, retry=resp.status in RETRY_STATUSES)
             elif self.trim is not None:  # streaming or not: the engine streams, trimming relays
                 await self.trim.relay(self, resp, replica, send)
             elif self.stream:
@@ -255,27 +359,40 @@ class RelayResponse:
     async def _relay_json(self, resp: aiohttp.ClientResponse, replica: Replica, send) -> None:
         try:
             raw = await resp.read()
-        except (*CONNECT_ERRORS, asyncio.TimeoutError) as e:
+        except UPSTREAM_ERRORS as e:
             kind, err = upstream_failure(e, "read")
-            self.gw.metrics.upstream_errors.labels(replica.url, kind).inc()
-            raise _Retry(err)
+            self.gw.metrics.upstream_errors.labels(replica.label, kind).inc()
+            raise Retry(err, retry=kind != "protocol")
         try:
             data = json.loads(raw)
-            self._account(data.get("usage"), data.get("choices") or [])
-        except (ValueError, AttributeError):
-            pass
+        except (ValueError, RecursionError):
+            data = None
+        if not isinstance(data, dict):  # relaying it as application/json would lie to the client
+            self.gw.metrics.upstream_errors.labels(replica.label, "protocol").inc()
+            raise Retry(APIError(502, "the engine answered 200 with a body that is not a JSON object",
+                                 code="engine_protocol_error"), retry=False)
+        choices = data.get("choices")
+        self.account(data.get("usage"), choices if isinstance(choices, list) else [])
         await send({"type": "http.response.start", "status": 200, "headers": JSON_HEADERS})
         await send({"type": "http.response.body", "body": raw})
 
-    def _account(self, usage: dict | None, choices: list) -> None:
+    def account(self, usage: Any, choices: list) -> None:
+        """Token and finish metrics from what the engine reported; malformed values are not counted."""
         m = self.gw.metrics
-        if usage:
+        if isinstance(usage, dict):
             b = m.bound(self.model, self.endpoint)
-            b.prompt_tokens.inc(usage.get("prompt_tokens") or 0)
-            b.completion_tokens.inc(usage.get("completion_tokens") or 0)
+            p, c = usage.get("prompt_tokens"), usage.get("completion_tokens")
+            p = p if type(p) is int and p > 0 else 0
+            c = c if type(c) is int and c > 0 else 0
+            if p:
+                b.prompt_tokens.inc(p)
+            if c:
+                b.completion_tokens.inc(c)
+            if self.key is not None:
+                self.gw.key_limits.spend(self.key, p + c)
         for c in choices:
-            if c.get("finish_reason"):
-                m.finished.labels(self.model, str(c["finish_reason"])).inc()
+            if isinstance(c, dict) and isinstance(c.get("finish_reason"), str):
+                m.finished.labels(self.model, c["finish_reason"][:32]).inc()
 
     async def _relay_stream(self, resp: aiohttp.ClientResponse, replica: Replica, send) -> None:
         m = self.gw.metrics
@@ -298,12 +415,13 @@ class RelayResponse:
                             itl.observe(now - last_token_at)
                         else:
                             ttft.observe(now - self.arrival)
+                            self.first_token_seen()
                         last_token_at = now
                         if b'"finish_reason":' in ev and FINISHED.search(ev):
-                            self._account(None, _choices(ev))
+                            self.account(None, _choices(ev))
                     elif kind is USAGE:
                         usage = load_event(ev).get("usage")
-                        self._account(usage, [])
+                        self.account(usage, [])
                         if not self.client_wants_usage:
                             continue
                     elif kind is DONE_EVENT:
@@ -314,18 +432,22 @@ class RelayResponse:
                         await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
                     await send({"type": "http.response.body", "body": b"\n\n".join(out) + b"\n\n",
                                 "more_body": True})
-        except (*CONNECT_ERRORS, asyncio.TimeoutError) as e:
+        except UPSTREAM_ERRORS as e:
             kind, failure = upstream_failure(e, "stream")
-            m.upstream_errors.labels(replica.url, kind).inc()
+            m.upstream_errors.labels(replica.label, kind).inc()
             if not self.started:
-                raise _Retry(failure)
-            log.warning("engine %s broke mid-stream: %r", replica.url, e)
+                raise Retry(failure)
+            log.warning("request %s: engine %s broke mid-stream: %s", self.rid, replica.label, failure.message)
         if not self.started:
+            if not saw_done:  # closed before a single event: nothing reached the client, another may serve it
+                m.upstream_errors.labels(replica.label, "stream").inc()
+                raise Retry(APIError(502, "the engine closed the stream before sending anything",
+                                     code="engine_error"))
             await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
         tail = b""
         if not saw_done:  # the engine stopped without finishing: tell the client in-band, then end cleanly
-            err = failure or APIError(502, "the engine stream ended unexpectedly", code="engine_error")
-            tail = b"data: " + json.dumps(err.body()).encode() + b"\n\n" + DONE + b"\n\n"
+            err = failure or stream_ended()
+            tail = error_event(err) + DONE + b"\n\n"
         await send({"type": "http.response.body", "body": tail, "more_body": False})
 
 

@@ -13,6 +13,7 @@ import aiohttp
 
 from .errors import APIError
 from .metrics import Metrics
+from .redact import redact_url
 
 log = logging.getLogger("leanserve.replicas")
 
@@ -25,6 +26,10 @@ class Replica:
     models: list[dict] = field(default_factory=list)  # /v1/models "data" entries as the engine reports them
     draining: bool = False  # removed from the pool: serves its in-flight requests, gets no new ones
     gone: bool = False  # drained and forgotten: its metric series are removed and must not come back
+    label: str = ""  # the URL without credentials: what /ready, metrics and logs show
+
+    def __post_init__(self) -> None:
+        self.label = redact_url(self.url)
 
     def serves(self, model: str) -> bool:
         return any(m.get("id") == model for m in self.models)
@@ -38,7 +43,7 @@ class ReplicaPool:
         self.replicas = [Replica(u) for u in urls]  # the routable set, in admission order
         self.static_urls = frozenset(urls)  # configured ones: discovery never drains them
         self.draining: list[Replica] = []
-        self._gauges = {r: metrics.engine_in_flight.labels(r.url) for r in self.replicas}
+        self._gauges = {r: metrics.engine_in_flight.labels(r.label) for r in self.replicas}
         self._client = client
         self._metrics = metrics
         self._interval = interval
@@ -47,27 +52,36 @@ class ReplicaPool:
 
     # ---- health -------------------------------------------------------------------------------
     async def probe(self, replica: Replica) -> None:
+        """Never raises (but for cancellation): any answer of the engine is a verdict, and the loop lives on."""
         timeout = aiohttp.ClientTimeout(total=self._interval * 2 + 1)
+        why = ""
         try:
             async with self._client.get(replica.url + "/health", timeout=timeout) as r:
                 ok = r.status == 200
+                why = f"/health answered {r.status}"
             if ok:
                 async with self._client.get(replica.url + "/v1/models", timeout=timeout) as m:
                     m.raise_for_status()
-                    replica.models = list((await m.json(content_type=None)).get("data", []))
-        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError, AttributeError) as e:
-            ok = False
-            if replica.healthy:
-                log.warning("engine %s failed its health probe: %r", replica.url, e)
-        if ok and not replica.healthy:
-            log.info("engine %s is healthy (models: %s)", replica.url, [m.get("id") for m in replica.models])
-        self.set_health(replica, ok)
+                    replica.models = parse_models(await m.json(content_type=None))
+        except asyncio.CancelledError:
+            raise
+        except asyncio.TimeoutError:
+            ok, why = False, f"no answer within {timeout.total:g}s"
+        except Exception as e:  # noqa: BLE001 - a malformed answer must not stop probing for good
+            ok, why = False, _describe(e)
+        if not ok:
+            self._metrics.probe_failures.labels(replica.label).inc()
+        self.set_health(replica, ok, why or "probe passed")
 
-    def set_health(self, replica: Replica, ok: bool) -> None:
+    def set_health(self, replica: Replica, ok: bool, why: str = "") -> None:
         if replica.gone:  # a probe or request that outlived the replica: keep its series removed
             return
+        if ok and not replica.healthy:
+            log.info("engine %s is healthy (models: %s)", replica.label, [m["id"] for m in replica.models])
+        elif not ok and replica.healthy:
+            log.warning("engine %s is down: %s", replica.label, why)
         replica.healthy = ok
-        self._metrics.engine_healthy.labels(replica.url).set(1 if ok else 0)
+        self._metrics.engine_healthy.labels(replica.label).set(1 if ok else 0)
         self._changed.set()
 
     async def probe_all(self) -> None:
@@ -75,7 +89,12 @@ class ReplicaPool:
 
     async def _loop(self) -> None:
         while True:
-            await self.probe_all()
+            try:
+                await self.probe_all()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 - probe() does not raise; a bug here must not end probing
+                log.exception("health probe round failed")
             await asyncio.sleep(self._interval)
 
     def start(self) -> None:
@@ -112,12 +131,12 @@ class ReplicaPool:
             return None
         if r is None:
             r = Replica(url)
-            self._gauges[r] = self._metrics.engine_in_flight.labels(url)
-            self._metrics.engine_healthy.labels(url).set(0)
+            self._gauges[r] = self._metrics.engine_in_flight.labels(r.label)
+            self._metrics.engine_healthy.labels(r.label).set(0)
         else:
             self.draining.remove(r)
             r.draining = False
-            log.info("engine %s is back before it finished draining", url)
+            log.info("engine %s is back before it finished draining", r.label)
         self.replicas.append(r)
         self._changed.set()
         return r
@@ -130,7 +149,7 @@ class ReplicaPool:
         self.replicas.remove(r)
         r.draining = True
         self.draining.append(r)
-        log.info("engine %s left the pool; draining %d in-flight request(s)", url, r.in_flight)
+        log.info("engine %s left the pool; draining %d in-flight request(s)", r.label, r.in_flight)
         self._changed.set()
         if r.in_flight == 0:
             self._forget(r)
@@ -139,11 +158,12 @@ class ReplicaPool:
         self.draining.remove(r)
         r.gone, r.healthy = True, False
         m = self._metrics
-        m.engine_in_flight.remove(r.url)
-        m.engine_healthy.remove(r.url)
-        m.upstream_errors.remove_by_labels({"replica": r.url})
+        m.engine_in_flight.remove(r.label)
+        m.engine_healthy.remove(r.label)
+        m.upstream_errors.remove_by_labels({"replica": r.label})
+        m.probe_failures.remove_by_labels({"replica": r.label})
         del self._gauges[r]
-        log.info("engine %s drained", r.url)
+        log.info("engine %s drained", r.label)
 
     # ---- routing ------------------------------------------------------------------------------
     def any_healthy(self) -> bool:
@@ -155,11 +175,11 @@ class ReplicaPool:
         for r in self.replicas:
             if r.healthy:
                 for m in r.models:
-                    seen.setdefault(m.get("id"), m)
+                    seen.setdefault(m["id"], m)
         return list(seen.values())
 
     def default_model(self) -> str | None:
-        ids = [m.get("id") for m in self.models()]
+        ids = [m["id"] for m in self.models()]
         return ids[0] if len(ids) == 1 else None
 
     def pick(self, model: str, exclude: set[Replica] | frozenset = frozenset()) -> Replica:
@@ -185,3 +205,16 @@ class ReplicaPool:
         self._gauges[r].set(r.in_flight)
         if r.draining and r.in_flight == 0:
             self._forget(r)
+
+
+def parse_models(payload) -> list[dict]:
+    """The model entries of a /v1/models answer: dicts with a string id; anything else is ignored.
+    Not a list at all is a failed probe (ValueError)."""
+    data = payload.get("data") if isinstance(payload, dict) else None
+    if not isinstance(data, list):
+        raise ValueError(f"/v1/models answered without a 'data' list: {type(data).__name__}")
+    return [m for m in data if isinstance(m, dict) and isinstance(m.get("id"), str)]
+
+
+def _describe(e: BaseException) -> str:
+    return f"{type(e).__name__}: {str(e)[:200]}"

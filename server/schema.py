@@ -4,14 +4,17 @@ other field passes through to vLLM untouched (extra="allow")."""
 from __future__ import annotations
 
 import json
-from typing import Any, Literal, Optional, Union
+import math
+from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError
 
 from .errors import APIError
 from .trimming.policy import TrimConfig, TrimConfigError
 
-Number = Union[StrictInt, StrictFloat]
+Number = StrictFloat  # strict: ints pass, bools and strings do not ("Input should be a valid number")
+MAX_DEPTH = 64  # JSON nesting the gateway accepts: far beyond any OpenAI body, far below recursion limits
+Role = Literal["developer", "system", "user", "assistant", "tool", "function"]  # OpenAI's roles
 
 
 class _Body(BaseModel):
@@ -37,7 +40,7 @@ class _Body(BaseModel):
 
 class _Message(BaseModel):
     model_config = ConfigDict(extra="allow")
-    role: StrictStr
+    role: Role
 
 
 class ChatBody(_Body):
@@ -81,9 +84,13 @@ def parse_body(raw: bytes, endpoint: Endpoint) -> tuple[dict[str, Any], Optional
     """(the body as a dict, original values, not re-serialised; the request's own trimming settings, None
     when it sets none), or a 400 APIError. An explicit `trim` is validated here, once."""
     try:
-        body = json.loads(raw)
+        body = json.loads(raw, parse_constant=_no_constant, parse_float=_finite_float)
+    except RecursionError:
+        raise _too_deep()
     except (ValueError, UnicodeDecodeError) as e:
         raise APIError(400, f"We could not parse the JSON body of your request: {e}", code="invalid_json")
+    if (raw.count(b"[") + raw.count(b"{") > MAX_DEPTH) and _depth(body) > MAX_DEPTH:  # cheap bound first
+        raise _too_deep()
     if not isinstance(body, dict):
         raise APIError(400, "The request body must be a JSON object.", code="invalid_json")
     try:
@@ -94,6 +101,38 @@ def parse_body(raw: bytes, endpoint: Endpoint) -> tuple[dict[str, Any], Optional
         param = ".".join(str(p) for p in err["loc"] if not _is_type_tag(p))
         raise APIError(400, f"Invalid value for '{param}': {err['msg']}", param=param, code="invalid_value")
     return body, _trim_config(body, endpoint)
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not valid JSON (numbers must be finite)")
+
+
+def _finite_float(text: str) -> float:
+    f = float(text)
+    if not math.isfinite(f):
+        raise ValueError(f"{text[:40]} is out of range for a number")
+    return f
+
+
+def _too_deep() -> APIError:
+    return APIError(400, f"The JSON body of your request is nested more than {MAX_DEPTH} levels deep.",
+                    code="invalid_json")
+
+
+def _depth(value: Any) -> int:
+    """Nesting depth of parsed JSON, without recursion."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        v, d = stack.pop()
+        if isinstance(v, dict):
+            v = v.values()
+        elif not isinstance(v, list):
+            continue
+        deepest = max(deepest, d)
+        if d > MAX_DEPTH:
+            return d
+        stack.extend((c, d + 1) for c in v if isinstance(c, (dict, list)))
+    return deepest
 
 
 def _trim_config(body: dict[str, Any], endpoint: Endpoint) -> Optional[TrimConfig]:

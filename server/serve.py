@@ -12,6 +12,8 @@ import uvicorn
 
 from .app import create_app
 from .config import Settings
+from .drain import DrainingServer
+from .redact import redact_url
 from .supervisor import EngineError, EngineProcess, cpu_engine, engine_command, engine_env
 
 log = logging.getLogger("leanserve")
@@ -97,9 +99,13 @@ def serve(settings: Settings) -> int:
         settings = settings.model_copy(update={"engines": [engine.url]})
 
     app = create_app(settings)
+    # The drain (server/drain.py) has already let requests finish or ended them: uvicorn's own graceful
+    # phase only has to close connections.
+    # log_config=None: uvicorn's loggers go through ours (JSON when asked) instead of its own handlers.
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                            access_log=False, timeout_graceful_shutdown=10)
-    server = uvicorn.Server(config)
+                            access_log=False, timeout_graceful_shutdown=5, http=app.state.http_protocol,
+                            log_config=None if settings.log_format == "json" else uvicorn.config.LOGGING_CONFIG)
+    server = DrainingServer(config, app.state.drain, settings.shutdown_grace)
     died: list[int] = []
 
     async def watch_engine():
@@ -120,7 +126,7 @@ def serve(settings: Settings) -> int:
             watcher.cancel()
 
     log.info("gateway on http://%s:%d → %s", settings.host, settings.port,
-             ", ".join(settings.engines + [f"dns:{t}" for t in settings.engine_dns]))
+             ", ".join([redact_url(u) for u in settings.engines] + [f"dns:{t}" for t in settings.engine_dns]))
     # uvicorn re-raises the signal it caught once it has shut down; ours turns SIGTERM into
     # KeyboardInterrupt too, so the engine below is always stopped rather than orphaned.
     signal.signal(signal.SIGTERM, _raise_interrupt)

@@ -52,7 +52,7 @@ def make_gateway():
         kw.setdefault("health_interval", 0.2)
         settings = Settings(engines=engines, **kw)
         app = create_app(settings)
-        srv = ThreadedServer(app).start()
+        srv = ThreadedServer(app, http=app.state.http_protocol).start()
         srv.app = app
         servers.append(srv)
         return srv

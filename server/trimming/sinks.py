@@ -6,6 +6,7 @@ import json
 from typing import Any, Optional
 
 from ..errors import APIError, error_body, normalize_upstream_error
+from ..http_common import SSE_HEADERS, send_json
 from ..sse import DONE, load_event
 
 
@@ -34,8 +35,6 @@ class SSESink:
 
     async def _start(self) -> None:
         if not self.rr.started:
-            from ..relay import SSE_HEADERS
-
             await self.send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
 
     async def flush(self) -> None:
@@ -115,8 +114,6 @@ class CollectSink:
         pass
 
     async def finish(self) -> None:
-        from ..relay import send_json
-
         if self.failed is not None:
             err = self.failed.get("error") or {}
             status = err.get("code") if isinstance(err.get("code"), int) and err["code"] >= 400 else 502

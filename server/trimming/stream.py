@@ -37,11 +37,12 @@ import json
 import logging
 import time
 from dataclasses import dataclass, field, replace
-from typing import Any, Optional, Sequence
+from typing import Any, Optional, Protocol, Sequence
 
 import aiohttp
 
 from ..errors import APIError, normalize_upstream_error
+from ..http_common import UPSTREAM_ERRORS, Retry, open_upstream, read_capped, stream_ended, upstream_failure
 from ..schema import engine_body
 from ..sse import DONE_EVENT, TOKEN, USAGE, EventSplitter, classify, load_event
 from .policy import Decision, ThoughtTrimmer, TrimConfig, estimate_tokens
@@ -54,6 +55,24 @@ log = logging.getLogger("leanserve.trimming.stream")
 CLOSING_PHRASE = "Okay, I think I have finished thinking."
 REASONING_FIELDS = ("reasoning", "reasoning_content")
 _RULE = RuleVerifier()
+
+
+class RelayedRequest(Protocol):
+    """What the trimmed relay uses of the request it serves (server/relay.py's RelayResponse)."""
+    gw: Any  # the Gateway: pool, client, metrics
+    body: dict
+    model: str
+    path: str
+    endpoint: str
+    stream: bool
+    client_wants_usage: bool
+    started: bool  # response headers sent
+    arrival: float
+    rid: str
+
+    def account(self, usage: Any, choices: list) -> None: ...  # token and finish metrics (and key budgets)
+
+    def first_token_seen(self) -> None: ...  # the first-token deadline is met
 
 
 # ---- per-gateway service and per-request plan ---------------------------------------------------
@@ -146,7 +165,7 @@ class TrimPlan:
                                "continuous_usage_stats": True}
         return json.dumps(b).encode()
 
-    async def relay(self, rr: Any, resp: aiohttp.ClientResponse, replica: Any, send) -> None:
+    async def relay(self, rr: RelayedRequest, resp: aiohttp.ClientResponse, replica: Any, send) -> None:
         await TrimmedStream(self, rr, replica, send).run(resp)
 
 
@@ -171,7 +190,8 @@ class _Timed(Verifier):
 def _usage_counts(u: Any) -> tuple[int, int]:
     if not isinstance(u, dict):
         return 0, 0
-    return int(u.get("prompt_tokens") or 0), int(u.get("completion_tokens") or 0)
+    p, c = u.get("prompt_tokens"), u.get("completion_tokens")
+    return (p if type(p) is int else 0), (c if type(c) is int else 0)
 
 
 @dataclass
@@ -184,7 +204,7 @@ class _Cut:
 
 # ---- one trimmed request --------------------------------------------------------------------------
 class TrimmedStream:
-    def __init__(self, plan: TrimPlan, rr: Any, replica: Any, send):
+    def __init__(self, plan: TrimPlan, rr: RelayedRequest, replica: Any, send):
         self.plan, self.rr, self.replica = plan, rr, replica
         self.gw = rr.gw
         self.model = rr.model
@@ -281,8 +301,6 @@ class TrimmedStream:
 
     # ---- first call ---------------------------------------------------------------------------
     async def _first(self, resp: aiohttp.ClientResponse) -> None:
-        from ..relay import CONNECT_ERRORS, _Retry, upstream_failure
-
         splitter, failure = EventSplitter(), None
         try:
             while True:
@@ -319,12 +337,13 @@ class TrimmedStream:
                     else:
                         self.sink.raw(ev)
                 await self.sink.flush()
-        except (*CONNECT_ERRORS, asyncio.TimeoutError) as e:
+        except UPSTREAM_ERRORS as e:
             kind, failure = upstream_failure(e, "stream")
-            self.gw.metrics.upstream_errors.labels(self.replica.url, kind).inc()
+            self.gw.metrics.upstream_errors.labels(self.replica.label, kind).inc()
             if not self.rr.started:  # nothing reached the client yet (never, for stream=false): retry
-                raise _Retry(failure)
-            log.warning("engine %s broke mid-stream: %r", self.replica.url, e)
+                raise Retry(failure)
+            log.warning("request %s: engine %s broke mid-stream: %s", self.rr.rid, self.replica.label,
+                        failure.message)
         # the first call ended without a cut
         self._stop_trimmer()
         if self.held:  # the stream broke off inside the thinking: what was held back is not cut
@@ -333,16 +352,17 @@ class TrimmedStream:
                                                           "finish_reason": None}]})
             self.sent, self.held = self.total, ""
         if self.usage1 is not None:
-            self.rr._account(self.usage1.get("usage"), [])
+            self.rr.account(self.usage1.get("usage"), [])
             self.sink.usage(self.usage1)
         if not self.saw_done:
-            self.sink.error(failure or APIError(502, "the engine stream ended unexpectedly", code="engine_error"))
+            self.sink.error(failure or stream_ended())
 
     async def _first_token(self, ev: bytes, now: float) -> None:
         data = load_event(ev)
         if self.head is None:
             self.head = {"id": data.get("id"), "object": data.get("object") or "chat.completion.chunk",
                          "created": data.get("created"), "model": data.get("model")}
+            self.rr.first_token_seen()
         if self.rr.stream:
             if self.last_token_at:
                 self.itl.observe(now - self.last_token_at)
@@ -377,7 +397,7 @@ class TrimmedStream:
         finished = bool(choice.get("finish_reason"))
         if finished:
             self.ended = True
-            self.rr._account(None, [choice])
+            self.rr.account(None, [choice])
         if self.mode is None or self.phase == "after" and not self.held:
             self.sink.emit(data)  # nothing to watch (no text yet, or thinking is over)
             return
@@ -538,22 +558,15 @@ class TrimmedStream:
         return json.dumps(body).encode()
 
     async def _continue(self) -> None:
-        from ..relay import CONNECT_ERRORS
-
         gw, payload = self.gw, self._continuation_body()
         replica, tried, acquired = self.replica, {self.replica}, None
         resp = None
         try:
             while True:
                 try:
-                    resp = await gw.client.post(replica.url + self.rr.path, data=payload,
-                                                headers={"content-type": "application/json"})
+                    resp = await open_upstream(gw, replica, self.rr.path, payload)
                     break
-                except (*CONNECT_ERRORS, asyncio.TimeoutError) as e:
-                    timeout = isinstance(e, asyncio.TimeoutError)
-                    gw.metrics.upstream_errors.labels(replica.url, "timeout" if timeout else "connect").inc()
-                    if not timeout:
-                        gw.pool.set_health(replica, False)
+                except Retry as r:
                     if acquired is not None:
                         gw.pool.release(acquired)
                         acquired = None
@@ -561,14 +574,14 @@ class TrimmedStream:
                         replica = gw.pool.pick(self.model, exclude=tried)
                     except APIError:
                         return self._fail(APIError(502, f"the engine did not take the trimmed continuation: "
-                                                        f"{type(e).__name__}", code="engine_error"))
+                                                        f"{r.error.message}", code="engine_error"))
                     tried.add(replica)
                     gw.pool.acquire(replica)
                     acquired = replica
             if resp.status != 200:
                 try:
-                    raw = await resp.read()
-                except (*CONNECT_ERRORS, asyncio.TimeoutError):
+                    raw = await read_capped(resp)
+                except UPSTREAM_ERRORS:
                     raw = b""
                 err = normalize_upstream_error(resp.status, raw)["error"]
                 code = err.get("code") if isinstance(err.get("code"), str) else "engine_error"
@@ -582,13 +595,11 @@ class TrimmedStream:
                 gw.pool.release(acquired)
 
     def _fail(self, err: APIError) -> None:
-        log.warning("trimmed continuation failed: %s", err.message)
-        self.rr._account({"prompt_tokens": self.p1, "completion_tokens": self.c1}, [])
+        log.warning("request %s: trimmed continuation failed: %s", self.rr.rid, err.message)
+        self.rr.account({"prompt_tokens": self.p1, "completion_tokens": self.c1}, [])
         self.sink.error(err)
 
     async def _relay_continuation(self, resp: aiohttp.ClientResponse, replica: Any) -> None:
-        from ..relay import CONNECT_ERRORS
-
         splitter, done, usage2 = EventSplitter(), False, None
         try:
             async for chunk in resp.content.iter_any():
@@ -611,17 +622,18 @@ class TrimmedStream:
                     else:
                         self.sink.raw(ev)
                 await self.sink.flush()
-        except (*CONNECT_ERRORS, asyncio.TimeoutError) as e:
-            self.gw.metrics.upstream_errors.labels(replica.url, "stream").inc()
-            log.warning("engine %s broke during a trimmed continuation: %r", replica.url, e)
+        except UPSTREAM_ERRORS as e:
+            kind, _ = upstream_failure(e, "stream")
+            self.gw.metrics.upstream_errors.labels(replica.label, kind).inc()
+            log.warning("request %s: engine %s broke during a trimmed continuation: %r", self.rr.rid, replica.label, e)
         if usage2 is not None:
             total = self._sum_usage(usage2)
-            self.rr._account(total, [])
+            self.rr.account(total, [])
             self.sink.usage(self._usage_chunk(total))
         else:  # no usage from the continuation: count what is known
-            self.rr._account({"prompt_tokens": self.p1, "completion_tokens": self.c1}, [])
+            self.rr.account({"prompt_tokens": self.p1, "completion_tokens": self.c1}, [])
         if not done:
-            self.sink.error(APIError(502, "the engine stream ended unexpectedly", code="engine_error"))
+            self.sink.error(stream_ended())
 
     def _sum_usage(self, u2: dict) -> dict:
         p2, c2 = _usage_counts(u2)
@@ -648,7 +660,7 @@ class TrimmedStream:
             if r:
                 delta["content"] = r + (delta.get("content") or "")
         if choice.get("finish_reason"):
-            self.rr._account(None, [choice])
+            self.rr.account(None, [choice])
         if delta.get("content") or choice.get("finish_reason") or _meaningful(data, choice, delta, "content"):
             self.sink.emit(data)
 

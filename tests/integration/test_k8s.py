@@ -239,6 +239,17 @@ def test_engines_have_time_to_drain(rendered, compose):
         assert seconds(compose[name]["stop_grace_period"]) > 300
 
 
+def test_gateways_have_time_to_drain(rendered, compose):
+    from server.config import Settings
+    grace = Settings.model_fields["shutdown_grace"].default + 5 + 5  # + cut streams' endings + uvicorn's close
+    for overlay in OVERLAYS:
+        pod = one(rendered[overlay], "Deployment", "leanserve-gateway")["spec"]["template"]["spec"]
+        pre_stop = int(container(rendered[overlay], "leanserve-gateway")["lifecycle"]["preStop"]["exec"]["command"][-1])
+        assert pod["terminationGracePeriodSeconds"] > pre_stop + grace
+    for name in ("gateway", "gateway-cpu"):
+        assert seconds(compose[name]["stop_grace_period"]) > grace
+
+
 # --- the pieces point at each other ------------------------------------------------------------------------
 
 @pytest.mark.parametrize("overlay", ["gpu", "cpu"])

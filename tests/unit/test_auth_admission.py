@@ -63,3 +63,34 @@ def test_queue_timeout_is_429(upstream, make_gateway):
     assert running.status_code == 200
     assert late.status_code == 429 and late.json()["error"]["code"] == "queue_timeout"
     assert "retry-after" in late.headers
+
+
+def test_per_key_concurrency_limit(upstream, make_gateway):
+    gw = make_gateway([upstream.url], api_keys=["k-a", "k-b"], key_max_concurrency=1, retry_after=2)
+    a, b = {"authorization": "Bearer k-a"}, {"authorization": "Bearer k-b"}
+
+    async def scenario():
+        async with httpx.AsyncClient(timeout=30) as c:
+            held = asyncio.create_task(c.post(gw.url + "/v1/chat/completions", json=HOLD, headers=a))
+            assert await until(lambda: upstream.active == 1)
+            second = await c.post(gw.url + "/v1/chat/completions", json=CHAT, headers=a)
+            other = await c.post(gw.url + "/v1/chat/completions", json=CHAT, headers=b)
+            upstream.gate.set()
+            return await held, second, other
+    held, second, other = asyncio.run(scenario())
+    assert held.status_code == 200 and other.status_code == 200
+    assert second.status_code == 429 and second.json()["error"]["code"] == "key_concurrency"
+    assert second.headers["retry-after"] == "2"
+    assert httpx.post(gw.url + "/v1/chat/completions", json=CHAT, headers=a).status_code == 200  # slot freed
+
+
+def test_per_key_token_rate(upstream, make_gateway):
+    gw = make_gateway([upstream.url], api_keys=["k-a", "k-b"], key_tokens_per_minute=10)
+    a = {"authorization": "Bearer k-a"}
+    url = gw.url + "/v1/chat/completions"
+    assert httpx.post(url, json=CHAT, headers=a).status_code == 200  # 7 + 2 tokens: 1 left
+    assert httpx.post(url, json=CHAT, headers=a).status_code == 200  # admitted on 1 left: now overdrawn
+    r = httpx.post(url, json=CHAT, headers=a)
+    assert r.status_code == 429 and r.json()["error"]["code"] == "key_token_rate"
+    assert int(r.headers["retry-after"]) >= 1
+    assert httpx.post(url, json=CHAT, headers={"authorization": "Bearer k-b"}).status_code == 200

@@ -2,7 +2,7 @@ import subprocess
 import sys
 
 from server.cli import _settings_from, build_parser
-from server.config import Settings
+from server.config import Settings, hash_key
 
 
 def test_env_vars(monkeypatch):
@@ -11,7 +11,8 @@ def test_env_vars(monkeypatch):
     monkeypatch.setenv("LEANSERVE_MAX_CONCURRENCY", "7")
     monkeypatch.setenv("LEANSERVE_PROTECT_OPS_ENDPOINTS", "true")
     s = Settings()
-    assert s.engines == ["http://a:1", "http://b:2"] and s.api_keys == ["k1", "k2"]
+    assert s.engines == ["http://a:1", "http://b:2"] and s.api_keys == [hash_key("k1"), hash_key("k2")]
+    assert "k1" not in repr(s)  # only hashes are held
     assert s.max_concurrency == 7 and s.protect_ops_endpoints is True
 
 
