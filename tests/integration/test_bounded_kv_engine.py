@@ -187,25 +187,42 @@ def test_prefix_caching_stops_the_engine_at_start_with_one_line(engine):
     assert "the bounded KV cache needs prefix caching off (--no-enable-prefix-caching)" in log, log[-3000:]
 
 
-def test_leanserve_serve_kv_budget_with_top_h_and_trim(prompt_ids, exclusive_engine):
-    """`leanserve serve --kv-budget` end to end (gateway + embedded bounded engine): chat requests with
-    top_h and trim are served past compactions, bad input is an OpenAI-shaped 400, the engine's /metrics
-    carries the bounded gauges (PROMETHEUS_MULTIPROC_DIR set by serve), SIGTERM stops everything."""
+def test_leanserve_serve_kv_budget_on_a_2of4_checkpoint_with_top_h_and_trim(exclusive_engine, tmp_path):
+    """Everything composes, through `leanserve serve` (gateway + embedded engine): a 2:4-pruned checkpoint
+    served with --quantization leanserve-2of4 and --kv-budget (the dense model's gates, named explicitly),
+    chat requests with top_h and trim served past compactions, bad input an OpenAI-shaped 400, the
+    engine's /metrics carrying the bounded gauges (PROMETHEUS_MULTIPROC_DIR set by serve), SIGTERM
+    stopping everything."""
     import signal
     import subprocess
     import sys
     import time
 
+    from kernels.vllm_plugin.bounded_kv.config import shipped_gates
+
+    pruned = tmp_path / "smollm2-2of4"
+    r = subprocess.run([sys.executable, "-m", "server.cli", "prune", str(default_model_dir()), str(pruned),
+                        "--method", "magnitude", "--quiet"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
     port, engine_port = free_port(), free_port()
     proc = subprocess.Popen([sys.executable, "-m", "server.cli", "serve", "--port", str(port), "--engine-port",
-                             str(engine_port), "--kv-budget", str(M), "--kv-buffer", str(B), "--log-level", "warning",
-                             "--engine-args", "--max-model-len 1024"],
+                             str(engine_port), "--model", str(pruned), "--served-model-name", "pruned",
+                             "--kv-budget", str(M), "--kv-buffer", str(B),
+                             "--retention-gates", str(shipped_gates(default_model_dir())), "--log-level", "info",
+                             "--engine-args", "--max-model-len 1024 --quantization leanserve-2of4"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    log = collections.deque(maxlen=20000)
+
+    def drain_output():
+        for line in proc.stdout:
+            log.append(line.decode(errors="replace"))
+    import threading
+    threading.Thread(target=drain_output, daemon=True).start()
     url = f"http://127.0.0.1:{port}"
     try:
         t0 = time.monotonic()
         while True:
-            assert proc.poll() is None, proc.stdout.read().decode()[-4000:]
+            assert proc.poll() is None, "".join(log)[-4000:]
             try:
                 if httpx.get(url + "/ready", timeout=2).status_code == 200:
                     break
@@ -213,13 +230,20 @@ def test_leanserve_serve_kv_budget_with_top_h_and_trim(prompt_ids, exclusive_eng
                 pass
             assert time.monotonic() - t0 < 600, "leanserve serve --kv-budget was not ready within 600 s"
             time.sleep(0.5)
+        text = "".join(log)
+        assert "leanserve-2of4: 2:4 linear layers" in text and f"bounded KV cache: budget M={M}" in text, text[-4000:]
         with httpx.Client(base_url=url, timeout=600) as c:
-            r = c.post("/v1/chat/completions", json={
-                "model": "SmolLM2-135M-Instruct", "max_tokens": 150, "temperature": 0.7, "seed": 1, "top_h": 0.9,
-                "trim": True, "messages": [{"role": "user", "content": "Write a short story about a lighthouse."}]})
-            assert r.status_code == 200, r.text
-            assert r.json()["usage"]["completion_tokens"] > 0
-            bad = c.post("/v1/chat/completions", json={"model": "SmolLM2-135M-Instruct", "top_h": 3,
+            for body in ({"max_tokens": 150, "top_h": 0.9, "trim": True},  # 150 + prompt > C: compactions
+                         {"max_tokens": 150, "top_h": 0.6, "stream": True}):
+                r = c.post("/v1/chat/completions", json={
+                    "model": "pruned", "temperature": 0.7, "seed": 1, **body,
+                    "messages": [{"role": "user", "content": "Write a short story about a lighthouse."}]})
+                assert r.status_code == 200, r.text
+                if body.get("stream"):
+                    assert r.text.rstrip().endswith("data: [DONE]") and '"content"' in r.text, r.text[-2000:]
+                else:
+                    assert r.json()["usage"]["completion_tokens"] > 0
+            bad = c.post("/v1/chat/completions", json={"model": "pruned", "top_h": 3,
                                                        "messages": [{"role": "user", "content": "hi"}]})
             assert bad.status_code == 400 and bad.json()["error"]["param"] == "top_h"
         metrics = httpx.get(f"http://127.0.0.1:{engine_port}/metrics", timeout=30).text
