@@ -254,3 +254,20 @@ def test_leanserve_serve_kv_budget_on_a_2of4_checkpoint_with_top_h_and_trim(excl
     assert rc == 0
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"http://127.0.0.1:{engine_port}/health", timeout=2)
+
+
+def test_teacher_forced_logprobs_through_the_engine_equal_the_reference(exclusive_engine, tmp_path):
+    """kernels/retention's evaluation protocol run through the engine (bounded_kv/quality.py): prompt logprobs
+    of a 600-token held-out sequence, prefilled in 64-token chunks that the plan splits where the ring fills,
+    against BoundedLM's teacher-forced logprobs (M = 64, B = 32: 5 compactions inside the prompt)."""
+    import json
+
+    from kernels.vllm_plugin.bounded_kv import quality
+
+    out = tmp_path / "q.json"
+    assert quality.main(["--seq-len", "600", "--max-seqs", "1", "--budgets", str(M), "--buffer", str(B),
+                         "--batch", str(BATCH), "--text", "data/wikitext2/valid.txt@0.5:1", "--json", str(out)]) == 0
+    (row,) = json.loads(out.read_text())["rows"]
+    assert abs(row["ppl_engine"] / row["ppl_reference"] - 1) < 1e-4, row
+    assert row["logprob_gap_mean"] < 1e-3, row
+    assert abs(row["kl_top20_engine"] - row["kl_top20_reference"]) < 1e-3 and row["kl_full_reference"] > 0, row
