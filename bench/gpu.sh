@@ -32,6 +32,7 @@ if [ -n "${LEANSERVE_GPU_QUICK:-}" ]; then
     step top_h 300 $PY -m kernels.top_h.bench --check --sizes 1x3000,4x5000 --out "$OUT/top_h.json"
     step sparse24 300 $PY -m kernels.sparse24.bench --sizes small --out "$OUT/sparse24.json"
     step retention 300 $PY -m kernels.retention.bench --quick --check --out "$OUT/retention.json"
+    step bounded_kv 300 $PY -m kernels.vllm_plugin.bounded_kv.bench_gpu --quick --out "$OUT/bounded_kv.json"
     exit $status
 fi
 
@@ -44,4 +45,7 @@ step top_h_bf16 100 $PY -m kernels.top_h.bench --check --dtype bfloat16 \
 step sparse24 240 $PY -m kernels.sparse24.bench --out "$OUT/sparse24.json"
 # Retention: ring compaction (Triton) vs batched torch topk + gather; capacity sum vs materialised T x T.
 step retention 150 $PY -m kernels.retention.bench --check --out "$OUT/retention.json"
+# Bounded KV: one Llama-3-8B-shaped decode layer (GEMMs + gate + attention), ring C = 1024 + 128 vs full
+# KV at 8K-32K, batch 4, compaction amortised; the step-time ratio is the decode-throughput ratio.
+step bounded_kv 120 $PY -m kernels.vllm_plugin.bounded_kv.bench_gpu --out "$OUT/bounded_kv.json"
 exit $status

@@ -30,6 +30,12 @@ class Settings(BaseSettings):
     engine_port: int = Field(8100, ge=1, le=65535, description="embedded engine: loopback port of the vLLM server")
     engine_dtype: str = Field("float32", description="embedded engine: --dtype passed to vLLM")
     engine_args: str = Field("", description="embedded engine: extra vLLM arguments, shell-quoted")
+    kv_budget: int = Field(0, ge=0, description="embedded engine: bounded KV cache, retention budget M tokens per "
+                           "request, layer and KV head (0 = unbounded, stock vLLM)")
+    kv_buffer: int = Field(0, ge=0, description="embedded engine: tokens appended between compactions of the bounded "
+                           "cache (0 = the gates' serving buffer)")
+    retention_gates: str = Field("", description="embedded engine: retention-gate directory for --kv-budget "
+                                 "(empty = the gates shipped for the model)")
     engine_start_timeout: float = Field(600.0, gt=0, description="seconds to wait for the engine's /health")
     api_keys: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="accepted API keys (comma-separated in the env var; a flag shows in the "

@@ -45,18 +45,43 @@ def resolve_model(settings: Settings) -> tuple[str, str]:
     return str(path), settings.served_model_name or model_prep.DEFAULT_MODEL_NAME
 
 
+def bounded_kv_args(settings: Settings, model_dir: str) -> tuple[str, dict[str, str]]:
+    """Extra vLLM arguments and environment for --kv-budget (none without it); refusals as ServeError."""
+    if not settings.kv_budget:
+        if settings.kv_buffer or settings.retention_gates:
+            raise ServeError("--kv-buffer and --retention-gates need --kv-budget")
+        return settings.engine_args, {}
+    import shlex
+    import tempfile
+
+    from kernels.vllm_plugin.bounded_kv.config import METRICS_DIR_ENV, BoundedKVError, engine_args
+    try:
+        extra = engine_args(model_dir, settings.kv_budget, settings.kv_buffer or None,
+                            settings.retention_gates or None, settings.engine_args)
+    except BoundedKVError as e:
+        raise ServeError(str(e))
+    # vLLM's /metrics then aggregates the worker's bounded-cache gauges (bounded_kv/metrics.py).
+    d = tempfile.mkdtemp(prefix="leanserve-metrics-")
+    env = {METRICS_DIR_ENV: d, "LEANSERVE_METRICS_DIR_OWNED": d}  # removed when the engine stops
+    return " ".join(filter(None, [settings.engine_args, shlex.join(extra)])), env
+
+
 def _raise_interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
 def serve(settings: Settings) -> int:
     engine: EngineProcess | None = None
+    if settings.kv_budget and (settings.engines or settings.engine_dns):
+        raise ServeError("--kv-budget configures the embedded engine; start external engines with "
+                         "kernels.vllm_plugin.bounded_kv.config.engine_args (README, bounded KV cache)")
     if not settings.engines and not settings.engine_dns:
         model_dir, name = resolve_model(settings)
+        extra, env = bounded_kv_args(settings, model_dir)
         cpu = cpu_engine()
         engine = EngineProcess(
-            engine_command(model_dir, name, settings.engine_port, settings.engine_dtype, settings.engine_args, cpu),
-            engine_env(cpu), settings.engine_port)
+            engine_command(model_dir, name, settings.engine_port, settings.engine_dtype, extra, cpu),
+            {**engine_env(cpu), **env}, settings.engine_port)
         prev = signal.signal(signal.SIGTERM, _raise_interrupt)  # SIGTERM during start-up: same as Ctrl-C
         try:
             engine.start()
@@ -112,6 +137,10 @@ def serve(settings: Settings) -> int:
     finally:
         if engine is not None:
             engine.stop()
+            metrics_dir = engine.env.get("LEANSERVE_METRICS_DIR_OWNED")
+            if metrics_dir:
+                import shutil
+                shutil.rmtree(metrics_dir, ignore_errors=True)
     if died:
         return 1
     return 0

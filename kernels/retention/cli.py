@@ -150,7 +150,6 @@ def eval_main(args) -> int:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .data import TokenPool, read_documents
     from .evaluate import evaluate
     from .gate import GateError, GateSet
     from .llama import Parts
@@ -177,14 +176,10 @@ def eval_main(args) -> int:
         except GateError as e:
             return _fail(str(e))
     tok = AutoTokenizer.from_pretrained(args.model_dir)
-    texts = {}
-    for t in args.text or [_text_arg(s) for s in DEFAULT_EVAL_TEXTS]:
-        name = Path(t["path"]).name + ("" if t["slice"] == [0.0, 1.0] else "@{:g}:{:g}".format(*t["slice"]))
-        seqs = TokenPool(tok, read_documents(t["path"], tuple(t["slice"])), name).sequences(args.seq_len,
-                                                                                            args.max_seqs)
-        if not seqs:
-            return _fail(f"{name} has no sequence of {args.seq_len} tokens")
-        texts[name] = [torch.from_numpy(s) for s in seqs]
+    try:
+        texts = eval_texts(tok, args.text, args.seq_len, args.max_seqs)
+    except ValueError as e:
+        return _fail(str(e))
     if args.sinks < 0:
         return _fail("--sinks must be >= 0")
     rows = evaluate(Parts(model), gates, texts, sorted(args.budgets), args.buffer, args.methods,
@@ -195,6 +190,23 @@ def eval_main(args) -> int:
     if args.plot:
         plot(rows, args.plot)
     return 0
+
+
+def eval_texts(tok, specs: list[dict] | None, seq_len: int, max_seqs: int) -> dict:
+    """{name: [LongTensor of seq_len tokens]} for each --text (default: DEFAULT_EVAL_TEXTS); the same
+    sequences for every caller (the reference evaluation here, the engine's in bounded_kv/quality.py)."""
+    import torch
+
+    from .data import TokenPool, read_documents
+
+    texts = {}
+    for t in specs or [_text_arg(s) for s in DEFAULT_EVAL_TEXTS]:
+        name = Path(t["path"]).name + ("" if t["slice"] == [0.0, 1.0] else "@{:g}:{:g}".format(*t["slice"]))
+        seqs = TokenPool(tok, read_documents(t["path"], tuple(t["slice"])), name).sequences(seq_len, max_seqs)
+        if not seqs:
+            raise ValueError(f"{name} has no sequence of {seq_len} tokens")
+        texts[name] = [torch.from_numpy(s) for s in seqs]
+    return texts
 
 
 def format_table(rows, buffer: int, sinks: int) -> str:
