@@ -21,7 +21,7 @@ import pytest
 from kernels.model_prep import default_model_dir, verify
 from kernels.vllm_plugin.bounded_kv.config import engine_args
 from server.supervisor import EngineError, EngineProcess, cpu_engine, engine_command, engine_env
-from tests.support.hf import engine_greedy_mismatches, first_difference, one_thread
+from tests.support.hf import GREEDY_PROMPTS, engine_greedy_mismatches, first_difference, one_thread
 from tests.support.servers import free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.own_engine]
@@ -31,17 +31,7 @@ M, B = 64, 32
 GEN = 160          # generated tokens per exactness prompt: >= 3 compactions for a 10-token prompt
 STOCK_GEN = 40     # prompt + 40 <= M: nothing is ever evicted
 BATCH = 64         # --max-num-batched-tokens: the long prompt is prefilled in chunks (multi-round plans)
-PROMPTS = [
-    "The capital of France is",
-    "Once upon a time, in a small village by the sea,",
-    "def fibonacci(n):",
-    "The three most important inventions of the twentieth century are",
-    "Water boils at a temperature of",
-    "In 1492, Christopher Columbus",
-    "The quick brown fox",
-    "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n",
-    "Photosynthesis is the process by which",
-]
+PROMPTS = GREEDY_PROMPTS[:9]
 
 
 def long_prompt(tok) -> list[int]:

@@ -14,24 +14,13 @@ import pytest
 
 from kernels.model_prep import default_model_dir, verify
 from server.supervisor import EngineError, EngineProcess, cpu_engine, engine_command, engine_env
+from tests.support.hf import GREEDY_PROMPTS as PROMPTS
 from tests.support.hf import engine_greedy_mismatches, hf_greedy
 from tests.support.servers import free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.own_engine]
 
 NAME = "smollm2-2of4"
-PROMPTS = [
-    "The capital of France is",
-    "Once upon a time, in a small village by the sea,",
-    "def fibonacci(n):",
-    "The three most important inventions of the twentieth century are",
-    "Water boils at a temperature of",
-    "In 1492, Christopher Columbus",
-    "The quick brown fox",
-    "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n",
-    "Photosynthesis is the process by which",
-    "1, 2, 3, 4, 5,",
-]
 # Per CPU mode: (prompts, tokens). `compressed` decompresses 210 weights per forward step: fewer tokens.
 RUNS = {"dense": (PROMPTS[:6], 48), "compressed": (PROMPTS[6:9], 24)}
 

@@ -4,6 +4,21 @@ from __future__ import annotations
 import contextlib
 
 
+# Greedy-equality prompts of the engine tests: plain text, code, a chat turn, a counting pattern.
+GREEDY_PROMPTS = [
+    "The capital of France is",
+    "Once upon a time, in a small village by the sea,",
+    "def fibonacci(n):",
+    "The three most important inventions of the twentieth century are",
+    "Water boils at a temperature of",
+    "In 1492, Christopher Columbus",
+    "The quick brown fox",
+    "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n",
+    "Photosynthesis is the process by which",
+    "1, 2, 3, 4, 5,",
+]
+
+
 @contextlib.contextmanager
 def one_thread():
     """Single-threaded torch: on a 2-core machine with another busy process, two OpenMP threads made
