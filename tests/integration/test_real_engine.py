@@ -95,7 +95,8 @@ def test_disconnect_mid_stream_aborts_in_vllm(served):
             got += line.startswith("data:")
             if got >= 5:
                 break
-        assert running(served.engine_url) == 1
+        # vLLM's gauges trail its steps: wait for the figure rather than read it once.
+        assert wait_for(lambda: running(served.engine_url) == 1, SETTLE)
     assert wait_for(lambda: running(served.engine_url) == 0, SETTLE), "vLLM kept generating for a client that left"
 
 
@@ -116,10 +117,11 @@ def test_disconnect_while_queued_never_reaches_vllm(served, make_gateway):
                         break  # generating in vLLM now
                 queued = asyncio.create_task(c.post(post, json={**LONG_STORY, "stream": False}))
                 assert await until(lambda: metric(gw.url, "leanserve_requests_queued") == 1)
-                assert running(served.engine_url) == 1
+                assert await until(lambda: running(served.engine_url) == 1, SETTLE)
                 queued.cancel()
                 assert await until(lambda: metric(gw.url, "leanserve_requests_queued") == 0)
-                assert running(served.engine_url) == 1 and metric(served.engine_url, "vllm:num_requests_waiting") == 0
+                assert await until(lambda: running(served.engine_url) == 1
+                                   and metric(served.engine_url, "vllm:num_requests_waiting") == 0, SETTLE)
             # the holder's client leaves too (mid-stream)
     asyncio.run(scenario())
     assert wait_for(lambda: running(served.engine_url) == 0, SETTLE)

@@ -1,5 +1,5 @@
 """Retention-gated bounded per-request KV cache inside vLLM (after TRIM-KV), through public extension
-points only (design: ../shared/design/bounded-kv.md):
+points only (README, bounded KV cache):
 
 * config.py — settings carried in --hf-overrides, the start-up refusals, the engine arguments (torch-free);
 * spec.py — BoundedRingSpec, a CircularBufferSpec: one ring block of C = M + B slots per request,

@@ -29,8 +29,8 @@ class BoundedRingSpec(CircularBufferSpec):
                    budget=budget, buffer=buffer, page_size_padded=dense + num_kv_heads * c * SIDE_BYTES)
 
     def max_num_blocks_per_req(self, vllm_config, max_len: int) -> int:
-        # The CPU runner's generic slot-mapping code reads block-table rows this wide without a bounds
-        # check (design/bounded-kv.md): keep them as wide as an unbounded request would need. Only
-        # entry 0 (the ring) is ever set; the rest stay the null block.
+        # The CPU runner's generic slot-mapping code (vLLM csrc/cpu/utils.cpp) reads block-table rows this
+        # wide without a bounds check: keep them as wide as an unbounded request would need. Only entry 0
+        # (the ring) is ever set; the rest stay the null block.
         del max_len
         return cdiv(vllm_config.model_config.max_model_len, self.block_size)
