@@ -45,6 +45,9 @@ EVALUATIONS = {
     "ppl": Subcommand(
         "perplexity of a HF causal LM on a text file (HF transformers, float32)",
         "kernels.perplexity:add_arguments", "kernels.perplexity:main"),
+    "chat": Subcommand(
+        "chat quality vs the dense model: its greedy answers' perplexity, and factual questions kept",
+        "kernels.chat_quality:add_arguments", "kernels.chat_quality:main"),
     "kv": Subcommand(
         "bounded KV cache vs full attention: perplexity and KL per eviction policy and budget",
         "kernels.retention.cli:add_eval_arguments", "kernels.retention.cli:eval_main"),

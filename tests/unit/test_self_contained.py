@@ -10,7 +10,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 # Spelled in pieces so that this file does not match itself.
 OUTSIDE = re.compile("|".join([r"\.\./" + "shared", "/" + "work/", r"parent\.parent\.parent"]))
-DATASETS = ["wikitext2/valid.txt", "gsm8k/test500.jsonl", "reasoning_traces/sample.jsonl",
+DATASETS = ["wikitext2/valid.txt", "gsm8k/test500.jsonl", "reasoning_traces/sample.jsonl", "chat_eval/facts.jsonl",
+            "chat_eval/prompts.jsonl",
             "openai/openapi-chat-completions.yaml"]
 
 
