@@ -25,8 +25,12 @@ def tokenize_file(tokenizer, path: str | Path):
 
 
 def load_model(model_dir: str | Path):
-    """(tokenizer, model) of a HF checkpoint, float32, eval mode."""
+    """(tokenizer, model) of a HF checkpoint, float32, eval mode; an ARMOR checkpoint with its wrappers."""
+    from kernels.sparse24.armor_model import checkpoint_marker, is_armor_marker, load_armor_model
+
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    if is_armor_marker(checkpoint_marker(model_dir)):
+        return tokenizer, load_armor_model(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     return tokenizer, model
 

@@ -1,4 +1,4 @@
-"""Offline 2:4 pruning of Llama-style HF checkpoints: magnitude, Wanda, SparseGPT.
+"""Offline 2:4 pruning of Llama-style HF checkpoints: magnitude, Wanda, SparseGPT, ARMOR (kernels/sparse24/armor.py).
 
 Every nn.Linear inside the decoder blocks (checkpoint.is_block_linear; model.model.layers[*])
 is pruned to 2:4 along its input dimension (each group of 4 consecutive input columns of each output
@@ -18,7 +18,7 @@ from torch import nn
 from .checkpoint import is_block_linear, write_marker
 from .format import count_24_violations
 
-METHODS = ("magnitude", "wanda", "sparsegpt")
+METHODS = ("magnitude", "wanda", "sparsegpt", "armor")
 
 
 # ----------------------------------------------------------------------------- per-layer pruners
@@ -98,7 +98,7 @@ class LinearStats:
     def __init__(self, in_features: int, method: str):
         self.method = method
         self.tokens = 0
-        if method == "wanda":
+        if method in ("wanda", "armor"):
             self.sq = torch.zeros(in_features)
         elif method == "sparsegpt":
             self.H = torch.zeros(in_features, in_features)
@@ -106,7 +106,7 @@ class LinearStats:
     def add(self, x: torch.Tensor) -> None:
         x = x.detach().reshape(-1, x.shape[-1]).float()
         self.tokens += x.shape[0]
-        if self.method == "wanda":
+        if self.method in ("wanda", "armor"):
             self.sq += (x * x).sum(0)
         elif self.method == "sparsegpt":
             self.H += x.t() @ x
@@ -159,18 +159,37 @@ def _run_block(layer, args, kwargs, hidden):
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
+def armor_block_size(model, block: int | None) -> int:
+    """The ARMOR block size for this model: `block` checked against every block linear, or the automatic one."""
+    from .armor import auto_block, check_block
+
+    dims = [(m.out_features, m.in_features) for name, m in model.named_modules()
+            if isinstance(m, nn.Linear) and is_block_linear(name)]
+    if block is None:
+        return auto_block(dims)
+    for o, i in dims:
+        check_block(block, o, i)
+    return block
+
+
 @torch.no_grad()
 def prune_model_inplace(model, method: str, calib_ids: torch.Tensor | None = None,
                         progress: bool = True, blocksize: int = 128,
-                        percdamp: float = 0.01) -> dict[str, int]:
+                        percdamp: float = 0.01, armor: dict | None = None) -> dict[str, int]:
     """Prune every nn.Linear of model.model.layers to 2:4. calib_ids: [samples, seqlen] token ids
-    (ignored for magnitude). Returns {linear name: number of weights}."""
+    (ignored for magnitude). armor: options of kernels/sparse24/armor.armor_prune (block, iters, lr, seed); with
+    method "armor" each linear is replaced by an ArmorLinear and `armor["report"]` collects per-layer losses.
+    Returns {linear name: number of weights}."""
     from tqdm.auto import tqdm
 
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
     layers = model.model.layers
     pruned: dict[str, int] = {}
+    if method == "armor":
+        armor = {} if armor is None else armor  # filled in place: the caller reads back "block" and "report"
+        armor["block"] = armor_block_size(model, armor.get("block"))
+        armor.setdefault("report", {})
     bar = tqdm(range(len(layers)), desc=f"2:4 {method}", disable=not progress)
 
     if method == "magnitude":
@@ -197,12 +216,34 @@ def prune_model_inplace(model, method: str, calib_ids: torch.Tensor | None = Non
             for hk in hooks:
                 hk.remove()
         for name, lin in linears.items():
-            new_w = stats[name].prune(lin.weight.data.float(), blocksize, percdamp)
-            lin.weight.data = new_w.to(lin.weight.dtype)
+            if method == "armor":
+                _armor_linear(model, name, lin, stats[name].sq, armor, bar)
+            else:
+                new_w = stats[name].prune(lin.weight.data.float(), blocksize, percdamp)
+                lin.weight.data = new_w.to(lin.weight.dtype)
             pruned[name] = lin.weight.numel()
         # The next block calibrates on the outputs of this pruned block.
         hidden = [_run_block(layer, args, kw, h) for (args, kw), h in zip(captured, hidden)]
     return pruned
+
+
+def _armor_linear(model, name: str, lin: nn.Linear, sq: torch.Tensor, opts: dict, bar) -> None:
+    """ARMOR on one linear; the model then computes with the factored layer (the next block calibrates on it)."""
+    from .armor import armor_prune
+    from .armor_model import ArmorLinear, replace_linear
+
+    short = name.split(".", 2)[-1]
+
+    def on_iter(it, loss):
+        if it % 50 == 0:
+            bar.set_postfix_str(f"{short} iter {it} loss {loss:.4g}", refresh=True)
+
+    res = armor_prune(lin.weight.data.float(), sq, opts["block"], iters=opts.get("iters", 1000),
+                      lr=opts.get("lr", 1e-4), seed=opts.get("seed", 0), on_iter=on_iter)
+    dt = lin.weight.dtype
+    replace_linear(model, name, ArmorLinear(res.core.to(dt), res.a.to(dt), res.b.to(dt),
+                                            None if lin.bias is None else lin.bias.data))
+    opts["report"][name] = {"loss_init": round(res.loss_init, 6), "loss": round(res.loss, 6), "iters": res.iters}
 
 
 # ----------------------------------------------------------------------------- calibration data, checkpoint
@@ -223,30 +264,34 @@ def _save_dtype(model_dir: str):
     return {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(name)
 
 
-def prune_model(model_dir: str, out_dir: str, method: str, calib_path: str | None = None,
+def prune_model(model_dir: str, out_dir: str, method: str, calib_path: str | list[str] | None = None,
                 samples: int = 128, seqlen: int = 2048, progress: bool = True,
-                seed: int = 0) -> dict:
+                seed: int = 0, armor: dict | None = None) -> dict:
     """Prune a HF Llama-style checkpoint to 2:4 and save it (safetensors + tokenizer) to out_dir.
 
-    config.json gets the marker (checkpoint.MARKER_KEY): {"format": "2:4", "method", "samples", "seqlen", "calib"}.
-    Returns a summary dict.
+    calib_path: text (.txt) or conversations (.jsonl, rendered through the chat template), or a list of them
+    (kernels/calibration.py). config.json gets the marker (checkpoint.MARKER_KEY): {"format": "2:4", "method",
+    "samples", "seqlen", "calib"}, plus "armor": {"block_size", "iters", "lr", "added_params"} for ARMOR, whose
+    wrappers are stored beside each core (kernels/sparse24/armor_model.py). Returns a summary dict.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from kernels.perplexity import tokenize_file
+    from kernels.calibration import calibration_ids
 
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
     if method != "magnitude" and not calib_path:
         raise ValueError(f"method {method!r} needs a calibration text file (--calib)")
+    paths = [calib_path] if isinstance(calib_path, str) else list(calib_path or [])
     t0 = time.time()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     model.eval()
     calib = None
     if method != "magnitude":
-        calib = calibration_windows(tokenize_file(tokenizer, calib_path), samples, seqlen, seed)
-    pruned = prune_model_inplace(model, method, calib, progress=progress)
+        calib = calibration_windows(calibration_ids(tokenizer, paths), samples, seqlen, seed)
+    armor = dict(armor or {}) if method == "armor" else None
+    pruned = prune_model_inplace(model, method, calib, progress=progress, armor=armor)
 
     params = dict(model.named_parameters())
     bad = {n: count_24_violations(params[n + ".weight"]) for n in pruned}
@@ -263,7 +308,22 @@ def prune_model(model_dir: str, out_dir: str, method: str, calib_path: str | Non
     marker = {"method": method,
               "samples": samples if calib is not None else 0,
               "seqlen": seqlen if calib is not None else 0,
-              "calib": os.path.basename(calib_path) if calib is not None else None}
+              "calib": ",".join(os.path.basename(p) for p in paths) if calib is not None else None}
+    summary = {}
+    if armor is not None:
+        from .armor import added_params
+        extra = sum(added_params(params[n + ".weight"].shape[0], params[n + ".weight"].shape[1], armor["block"])
+                    for n in pruned)
+        report = armor["report"]
+        marker["armor"] = {"block_size": armor["block"], "iters": armor.get("iters", 1000), "lr": armor.get("lr", 1e-4),
+                           "added_params": extra}
+        summary = {"added_params": extra, "dense_block_params": sum(pruned.values()),
+                   "model_params": sum(p.numel() for p in model.parameters()) - extra,
+                   "loss_init": sum(r["loss_init"] for r in report.values()) / len(report),
+                   "loss": sum(r["loss"] for r in report.values()) / len(report),
+                   "worse_than_init": [n for n, r in report.items() if r["loss"] > r["loss_init"]]}
+        with open(os.path.join(out_dir, "armor_report.json"), "w") as f:
+            json.dump(report, f, indent=1)
     write_marker(out_dir, marker)
-    return {**marker, "out_dir": out_dir, "linears": len(pruned),
+    return {**marker, **summary, "out_dir": out_dir, "linears": len(pruned),
             "pruned_weights": sum(pruned.values()) // 2, "seconds": round(time.time() - t0, 1)}

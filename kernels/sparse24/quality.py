@@ -21,7 +21,10 @@ from pathlib import Path
 from kernels.model_prep import default_model_dir
 from kernels.perplexity import REPO_ROOT, load_model, perplexity, tokenize_file
 
-from .prune import METHODS, calibration_windows, prune_model_inplace
+from .prune import calibration_windows, prune_model_inplace
+
+# The one-shot pruners; ARMOR (minutes per layer) and chat quality are in bench/pruning_quality.py.
+METHODS = ("magnitude", "wanda", "sparsegpt")
 
 DEFAULT_TEXT = REPO_ROOT / "data" / "wikitext2" / "valid.txt"
 
