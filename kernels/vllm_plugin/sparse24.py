@@ -17,6 +17,10 @@ it), so vLLM uses the method only when asked with ``--quantization leanserve-2of
 ``from_config`` reads the marker. Without the flag the same checkpoint is served as
 an ordinary dense model (its zeros are then just stored and multiplied).
 
+ARMOR checkpoints (``leanserve prune --method armor``: marker method "armor") are served with the same flag:
+every block linear then gets ``kernels/vllm_plugin/armor.ArmorLinearMethod`` (the 2:4 core through the paths
+below, between its block-diagonal wrappers ``armor_a`` / ``armor_b``; see that module).
+
 Which layers, the marker and the compute rule are defined once in ``kernels/sparse24/``
 (``checkpoint.is_block_linear``, ``checkpoint.read_marker``, ``ops.sparse24_linear``):
 every ``LinearBase`` inside the decoder blocks - the merged ``qkv_proj`` and ``gate_up_proj``
@@ -113,6 +117,13 @@ class Sparse24Config(QuantizationConfig):
         self.layers = 0  # filled in while weights are processed (for the log line)
         self.dense_bytes = 0
         self.packed_bytes = 0
+        self.armor_layers = 0  # ARMOR checkpoints: filled in by create_weights (for the start-up line)
+        self.armor_shards = 0  # the checkpoint's linears in them (q/k/v, gate/up are merged in vLLM)
+        self.armor_added_bytes = 0
+
+    @property
+    def is_armor(self) -> bool:
+        return self.marker.get("method") == "armor"
 
     def __repr__(self) -> str:
         return f"Sparse24Config(marker={self.marker})"
@@ -143,11 +154,18 @@ class Sparse24Config(QuantizationConfig):
                 f"{MARKER_KEY}={config.get(MARKER_KEY)!r}. "
                 "Prune the model first (leanserve prune MODEL_DIR OUT_DIR --method ...) or serve it without "
                 "--quantization.")
-        return cls(marker)
+        cfg = cls(marker)
+        if cfg.is_armor:
+            from .armor import armor_block_size
+            armor_block_size(marker)  # a clear error now rather than one per layer
+        return cfg
 
     def get_quant_method(self, layer: torch.nn.Module, prefix: str) -> QuantizeMethodBase | None:
         if isinstance(layer, LinearBase):
             if is_block_linear(prefix):
+                if self.is_armor:
+                    from .armor import ArmorLinearMethod
+                    return ArmorLinearMethod(self, prefix)
                 return Sparse24LinearMethod(self)
             return UnquantizedLinearMethod()
         return None  # embeddings, lm_head, attention: vLLM's defaults
@@ -171,16 +189,8 @@ class Sparse24LinearMethod(LinearMethodBase):
                                    output_size, params_dtype, **extra_weight_attrs)
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
-        w = layer.weight.data
-        if w.is_meta:
-            raise ValueError(f"{_name(layer)}: weight was never loaded (meta tensor)")
+        w = check_24(layer)
         n, k = w.shape
-        bad = count_24_violations(w)
-        if bad:
-            raise ValueError(
-                f"{_name(layer)}: weight [{n}, {k}] is not 2:4 sparse ({bad} of {n * k // 4} groups of 4 "
-                f"input columns have more than 2 nonzeros). --quantization {NAME} needs a checkpoint pruned "
-                "by `leanserve prune`.")
         packed_b, dense_b = compressed_nbytes(n, k, w.dtype), w.numel() * w.element_size()
         layer.sparse24_bytes = (packed_b, dense_b)
         mode = "triton" if w.is_cuda else cpu_mode()
@@ -207,17 +217,37 @@ class Sparse24LinearMethod(LinearMethodBase):
         if cfg is None:
             return
         if cfg.layers == 0:
-            what = {"triton": f"packed weights, Triton 2:4 kernel (a transient dense weight for M >= {DENSE_MIN_M})",
-                    "dense": "CPU: 2:4 checked, not packed: the masked dense weight through vLLM's CPU GEMM (a CPU "
-                             f"has no 2:4 instructions; {CPU_MODE_ENV}=compressed keeps only the packed form)",
-                    "compressed": "CPU: packed weights only, decompressed on every call (slow)"}[mode]
-            log.info("%s: 2:4 linear layers; compute path: %s", NAME, what)
+            log.info("%s: 2:4 linear layers; compute path: %s", NAME, path_description(mode))
         cfg.layers += 1
         cfg.dense_bytes += dense_b
         cfg.packed_bytes += packed_b
         log.debug("%s: %s %s packed %d of %d bytes (running total %d layers, %.1f of %.1f MiB)", NAME,
                   _name(layer), tuple(layer.weight.shape), packed_b, dense_b, cfg.layers,
                   cfg.packed_bytes / 2**20, cfg.dense_bytes / 2**20)
+
+
+def check_24(layer: torch.nn.Module, name: str | None = None) -> torch.Tensor:
+    """The layer's loaded dense weight, checked to be 2:4 (a clear error naming the layer otherwise)."""
+    name = name or _name(layer)
+    w = layer.weight.data
+    if w.is_meta:
+        raise ValueError(f"{name}: weight was never loaded (meta tensor)")
+    n, k = w.shape
+    bad = count_24_violations(w)
+    if bad:
+        raise ValueError(
+            f"{name}: weight [{n}, {k}] is not 2:4 sparse ({bad} of {n * k // 4} groups of 4 "
+            f"input columns have more than 2 nonzeros). --quantization {NAME} needs a checkpoint pruned "
+            "by `leanserve prune`.")
+    return w
+
+
+def path_description(mode: str) -> str:
+    """The start-up log's words for a compute path."""
+    return {"triton": f"packed weights, Triton 2:4 kernel (a transient dense weight for M >= {DENSE_MIN_M})",
+            "dense": "CPU: 2:4 checked, not packed: the masked dense weight through vLLM's CPU GEMM (a CPU "
+                     f"has no 2:4 instructions; {CPU_MODE_ENV}=compressed keeps only the packed form)",
+            "compressed": "CPU: packed weights only, decompressed on every call (slow)"}[mode]
 
 
 def _name(layer: torch.nn.Module) -> str:

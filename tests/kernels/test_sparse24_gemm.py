@@ -106,3 +106,20 @@ def test_bench_small_runs_on_cpu(tmp_path):
     assert len(data["rows"]) == 2 * len(bench.SMALL_SHAPES) == len(res["rows"])
     assert all(r["ours_rel_err"] < 1e-2 and r["dense_ms"] > 0 for r in data["rows"])
     assert data["sizes"][0]["ratio"] == 0.5625
+    # ARMOR rows (bd_apply(B), the 2:4 core through the same call, bd_apply(A)): one per (N, K, M), block 16 here.
+    arm = data["armor_rows"]
+    assert [(r["N"], r["K"], r["M"]) for r in arm] == [(r["N"], r["K"], r["M"]) for r in data["rows"]]
+    assert all(r["block"] == 16 and r["armor_ms"] > 0 and r["armor_wrappers_ms"] > 0 for r in arm)
+    assert all(r["dense_over_armor"] == r["dense_ms"] / r["armor_ms"] for r in arm)
+    assert all(r["ours_over_armor"] == r["ours_ms"] / r["armor_ms"] for r in arm)
+    # bf16 against the fp32 x (A C B)^T: errors of bf16 roundings, not of a wrong product
+    assert all(r["armor_rel_err"] < 2e-2 and r["armor_max_err"] < 0.05 * r["armor_ref_max_abs"] for r in arm), arm
+    n, k = bench.SMALL_SHAPES[0]
+    assert data["sizes"][0]["armor_wrapper_bytes"] == 16 * (n + k) * 2
+
+
+def test_bench_armor_block_must_divide_the_grid(capsys):
+    from kernels.sparse24 import bench
+    with pytest.raises(SystemExit):
+        bench.main(["--sizes", "small", "--armor-block", "48", "--out", ""])
+    assert "must divide every N and K" in capsys.readouterr().err
