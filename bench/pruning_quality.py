@@ -89,8 +89,9 @@ def main(argv=None) -> int:
     ap.add_argument("--json", default="bench/figures/pruning_quality.json")
     ap.add_argument("--threads", type=int, default=2)
     a = ap.parse_args(argv)
-    from kernels.chat_quality import (DEFAULT_MAX_NEW_TOKENS, DEFAULT_PROMPTS, _resolve, chat_quality,
-                                      dense_cache_path, load_facts, load_prompts)
+    from kernels.chat_quality import (DEFAULT_MAX_NEW_TOKENS, DEFAULT_PROMPTS, chat_quality, dense_cache_path,
+                                      load_facts, load_prompts)
+    from kernels.perplexity import resolve_text
 
     torch.set_num_threads(a.threads)
     model = a.model or str(default_model_dir())
@@ -100,7 +101,7 @@ def main(argv=None) -> int:
     calib_sets = {"wiki": [wiki_calib], "chat": [Path(a.conversations), wiki_calib]}
     prompts, facts = load_prompts(a.prompts), load_facts(a.facts)
     # the dense answers once per dense model and prompts file, shared with `leanserve eval chat`
-    cache = dense_cache_path(model, _resolve(a.prompts, DEFAULT_PROMPTS), DEFAULT_MAX_NEW_TOKENS)
+    cache = dense_cache_path(model, resolve_text(a.prompts or DEFAULT_PROMPTS), DEFAULT_MAX_NEW_TOKENS)
 
     d_tok, dense = load_model(model)
     wiki_ids = text_ids(d_tok, held, a.eval_tokens)

@@ -112,8 +112,9 @@ class ArmorProblem:
     def residual(self) -> torch.Tensor:
         return armor_weight(self.a, self.core, self.b) - self.w_bar
 
-    def loss(self) -> float:
-        return float((self.residual().square() * self.h).sum() / self.scale)
+    def loss(self, resid: torch.Tensor) -> float:
+        """The proxy loss of a residual E = A C B - W_bar."""
+        return float((resid.square() * self.h).sum() / self.scale)
 
 
 def init_problem(w: torch.Tensor, h: torch.Tensor, block: int) -> ArmorProblem:
@@ -261,7 +262,7 @@ def armor_prune(w: torch.Tensor, h: torch.Tensor, block: int, iters: int = 1000,
     p = init_problem(w, h, block)
     gen = torch.Generator().manual_seed(seed)
     resid = p.residual()
-    loss0 = float((resid.square() * p.h).sum() / p.scale)
+    loss0 = p.loss(resid)
     best = (loss0, p.a.clone(), p.values.clone(), p.mask.clone(), p.b.clone())
     opt = torch.optim.Adam([p.a, p.values, p.b], lr=lr)
     prev, wait, done = loss0, patience, 0
@@ -272,7 +273,7 @@ def armor_prune(w: torch.Tensor, h: torch.Tensor, block: int, iters: int = 1000,
             opt.step()
             resid = p.residual()
             discrete_step(p, resid, g_core, gen)
-            cur = float((resid.square() * p.h).sum() / p.scale)
+            cur = p.loss(resid)
             done = it + 1
             if cur < best[0]:
                 best = (cur, p.a.clone(), p.values.clone(), p.mask.clone(), p.b.clone())

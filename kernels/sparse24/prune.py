@@ -112,6 +112,8 @@ class LinearStats:
             self.H += x.t() @ x
 
     def prune(self, w: torch.Tensor, blocksize: int = 128, percdamp: float = 0.01) -> torch.Tensor:
+        if self.method == "armor":
+            raise ValueError("ARMOR replaces the layer rather than its weight: prune_model_inplace runs armor_prune")
         if self.method == "magnitude":
             return prune_magnitude(w)
         if self.method == "wanda":

@@ -45,7 +45,7 @@ from kernels.sparse24.armor import bd_apply
 from kernels.sparse24.checkpoint import MARKER_KEY
 from kernels.sparse24.format import compress_24, compressed_nbytes
 
-from .sparse24 import NAME, check_24, cpu_mode, log, path_description, sparse24_linear_op
+from .sparse24 import NAME, _name, check_24, cpu_mode, log, path_description, sparse24_linear_op
 
 A_NAME, B_NAME = "armor_a", "armor_b"
 QKV_IDS = ("q", "k", "v")
@@ -220,7 +220,3 @@ class ArmorLinearMethod(LinearMethodBase):
         cfg.layers += 1
         cfg.dense_bytes += dense_b
         cfg.packed_bytes += packed_b
-
-
-def _name(layer: nn.Module) -> str:
-    return getattr(layer, "prefix", "") or type(layer).__name__

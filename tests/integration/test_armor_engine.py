@@ -8,7 +8,6 @@ The checkpoint is written once by `leanserve prune --method armor` on a small ca
 iterations per layer: about 2 minutes on 2 cores; quality is not what this checks); one engine serves it (the
 default CPU path, `dense`), after the refused start-up.
 """
-import collections
 import json
 import subprocess
 import sys
@@ -16,10 +15,9 @@ import sys
 import pytest
 
 from kernels.model_prep import default_model_dir, verify
-from server.supervisor import EngineError, EngineProcess, cpu_engine, engine_command, engine_env
 from tests.support.hf import GREEDY_PROMPTS as PROMPTS
-from tests.support.hf import engine_greedy_mismatches, one_thread
-from tests.support.servers import free_port
+from tests.support.hf import engine_greedy_mismatches, hf_greedy
+from tests.support import engines
 
 pytestmark = [pytest.mark.integration, pytest.mark.own_engine]
 
@@ -63,37 +61,17 @@ def hf_reference(armor_dir, prompt_ids):
 
     model = load_armor_model(armor_dir, dtype=torch.float32)
     assert sum(isinstance(m, ArmorLinear) for m in model.modules()) == 210
-    out = []
-    with torch.no_grad(), one_thread():
-        for p in PROMPTS:
-            inp, past, gen = torch.tensor([prompt_ids[p]]), None, []
-            for _ in range(N_TOKENS):
-                o = model(inp, past_key_values=past, use_cache=True)
-                past = o.past_key_values
-                gen.append(int(o.logits[0, -1].argmax()))
-                inp = torch.tensor([[gen[-1]]])
-            out.append(gen)
-    return out
+    return hf_greedy(model, [prompt_ids[p] for p in PROMPTS], N_TOKENS)
 
 
-def start_engine(model_dir, extra: str) -> EngineProcess:
-    port, cpu = free_port(), cpu_engine()
-    eng = EngineProcess(engine_command(str(model_dir), NAME, port, "float32", extra, cpu), engine_env(cpu), port)
-    eng.tail = collections.deque(maxlen=5000)  # keep the whole log: the tests look for lines in it
-    eng.start()
-    return eng
+def start_engine(model_dir, extra: str):
+    return engines.start_engine(model_dir, NAME, extra)
 
 
 def test_without_the_flag_the_engine_refuses_the_checkpoint(armor_dir, hf_reference, exclusive_engine):
     """vLLM's Llama loader has no parameter for the wrappers and stops at the first one: the cores alone are never
     served. (Runs before the module's engine starts.)"""
-    eng = start_engine(armor_dir, "--max-model-len 1024")
-    try:
-        with pytest.raises(EngineError):
-            eng.wait_healthy(300)
-    finally:
-        eng.stop()
-    log = "\n".join(eng.tail)
+    log = engines.refused_start_log(start_engine(armor_dir, "--max-model-len 1024"))
     assert "There is no module or parameter named" in log and ".armor_a'" in log, log[-3000:]
 
 

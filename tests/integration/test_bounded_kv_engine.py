@@ -20,7 +20,7 @@ import pytest
 
 from kernels.model_prep import default_model_dir, verify
 from kernels.vllm_plugin.bounded_kv.config import engine_args
-from server.supervisor import EngineError, EngineProcess, cpu_engine, engine_command, engine_env
+from tests.support import engines
 from tests.support.hf import GREEDY_PROMPTS, engine_greedy_mismatches, first_difference, one_thread
 from tests.support.servers import free_port
 
@@ -72,14 +72,8 @@ def reference(prompt_ids):
     return out
 
 
-def start(extra: str) -> EngineProcess:
-    port = free_port()
-    cpu = cpu_engine()
-    eng = EngineProcess(engine_command(str(default_model_dir()), NAME, port, "float32", extra, cpu),
-                        engine_env(cpu), port)
-    eng.tail = collections.deque(maxlen=5000)
-    eng.start()
-    return eng
+def start(extra: str):
+    return engines.start_engine(default_model_dir(), NAME, extra)
 
 
 def bounded_extra(more: str = "") -> str:
@@ -168,12 +162,7 @@ def test_prefix_caching_stops_the_engine_at_start_with_one_line(engine):
     args = engine_args(default_model_dir(), M, B)
     eng = start("--max-model-len 1024 " + shlex.join([a for a in args if a != "--no-enable-prefix-caching"])
                 + " --enable-prefix-caching")
-    try:
-        with pytest.raises(EngineError):
-            eng.wait_healthy(300)
-    finally:
-        eng.stop()
-    log = "\n".join(eng.tail)
+    log = engines.refused_start_log(eng)
     assert "the bounded KV cache needs prefix caching off (--no-enable-prefix-caching)" in log, log[-3000:]
 
 

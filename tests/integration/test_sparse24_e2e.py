@@ -6,17 +6,15 @@ kept, decompressed on every call). tests/integration/test_sparse24_triton_engine
 The checkpoint is written by `leanserve prune --method magnitude` (no calibration, fast) into a temp dir;
 the engines are started like `leanserve serve` starts its embedded one (server.supervisor), one at a time.
 """
-import collections
 import subprocess
 import sys
 
 import pytest
 
 from kernels.model_prep import default_model_dir, verify
-from server.supervisor import EngineError, EngineProcess, cpu_engine, engine_command, engine_env
+from tests.support import engines
 from tests.support.hf import GREEDY_PROMPTS as PROMPTS
 from tests.support.hf import engine_greedy_mismatches, hf_greedy
-from tests.support.servers import free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.own_engine]
 
@@ -37,14 +35,8 @@ def pruned_dir(tmp_path_factory):
     return out
 
 
-def start_engine(model_dir, extra: str, env: dict[str, str] | None = None) -> EngineProcess:
-    port = free_port()
-    cpu = cpu_engine()
-    eng = EngineProcess(engine_command(str(model_dir), NAME, port, "float32", extra, cpu),
-                        {**engine_env(cpu), **(env or {})}, port)
-    eng.tail = collections.deque(maxlen=5000)  # keep the whole log: the tests look for lines in it
-    eng.start()
-    return eng
+def start_engine(model_dir, extra: str, env: dict[str, str] | None = None):
+    return engines.start_engine(model_dir, NAME, extra, env)
 
 
 @pytest.fixture(scope="module")
@@ -105,13 +97,8 @@ def test_dense_checkpoint_with_the_flag_is_a_clear_error(exclusive_engine):
     """The flag on a checkpoint without the marker stops the engine with a message that says what to do.
     (The tests above need no engine and run first; this one ends before the module's engines start.)"""
     eng = start_engine(default_model_dir(), "--quantization leanserve-2of4 --max-model-len 1024")
-    try:
-        with pytest.raises(EngineError) as e:
-            eng.wait_healthy(300)
-    finally:
-        eng.stop()
-    log = "\n".join(eng.tail)
-    assert "leanserve prune" in log and "leanserve_sparsity" in log, str(e.value)[-3000:]
+    log = engines.refused_start_log(eng)
+    assert "leanserve prune" in log and "leanserve_sparsity" in log, log[-3000:]
 
 
 def test_engine_used_the_2of4_method_on_its_cpu_path(engine):

@@ -33,12 +33,14 @@ def one_thread():
         torch.set_num_threads(n)
 
 
-def hf_greedy(model_dir, prompts: list[list[int]], n_tokens: int) -> list[list[int]]:
-    """Greedy continuation ids (no EOS stop) of each prompt (token ids), with a KV cache as vLLM decodes."""
+def hf_greedy(model, prompts: list[list[int]], n_tokens: int) -> list[list[int]]:
+    """Greedy continuation ids (no EOS stop) of each prompt (token ids), with a KV cache as vLLM decodes.
+    model: a loaded HF model, or a checkpoint dir (kernels.perplexity.load_model: float32, ARMOR too)."""
     import torch
-    from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    if not isinstance(model, torch.nn.Module):
+        from kernels.perplexity import load_model
+        model = load_model(model)[1]
     out = []
     with torch.no_grad(), one_thread():
         for ids in prompts:
