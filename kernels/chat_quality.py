@@ -39,7 +39,7 @@ DEFAULT_PROMPTS = "data/chat_eval/prompts.jsonl"  # relative to the repository r
 DEFAULT_FACTS = "data/chat_eval/facts.jsonl"
 DEFAULT_MAX_NEW_TOKENS = 96
 FACT_MAX_NEW_TOKENS = 48
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: each answer carries its NLL under the dense model
 
 
 # ----------------------------------------------------------------------------- data
@@ -158,7 +158,8 @@ def _prompts_digest(prompts: list[list[dict]]) -> str:
 
 def dense_answers(dense_model, dense_tokenizer, prompts: list[list[dict]], max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
                   cache="memory", progress: bool = False) -> tuple[list[dict], str]:
-    """The dense model's greedy answers to `prompts`: ([{"messages", "prompt_ids", "answer_ids", "answer"}],
+    """The dense model's greedy answers to `prompts`: ([{"messages", "prompt_ids", "answer_ids", "answer",
+    "dense_nll"}] (the answer's summed NLL under the dense model, scored once here),
     "used" | "generated"). cache: "memory" (per dense model object, this process), a JSON file path (read when
     it holds these prompts and max_new_tokens, else written), or None (always generate)."""
     from tqdm.auto import tqdm
@@ -180,7 +181,8 @@ def dense_answers(dense_model, dense_tokenizer, prompts: list[list[dict]], max_n
     answers = []
     for msgs in tqdm(prompts, desc="dense answers", disable=not progress):
         p, a = greedy_reply(dense_model, dense_tokenizer, msgs, max_new_tokens)
-        answers.append({"messages": msgs, "prompt_ids": p, "answer_ids": a, "answer": _reply_text(dense_tokenizer, a)})
+        answers.append({"messages": msgs, "prompt_ids": p, "answer_ids": a, "answer": _reply_text(dense_tokenizer, a),
+                        "dense_nll": answer_nll(dense_model, p, a) if a else 0.0})
     if cache == "memory":
         _MEMORY.setdefault(dense_model, {})[key] = (_fingerprint(dense_model), answers)
     elif cache is not None:
@@ -220,7 +222,7 @@ def chat_quality(model, tokenizer, dense_model, dense_tokenizer, prompts: list[l
         if not a["answer_ids"]:
             continue
         m = answer_nll(model, a["prompt_ids"], a["answer_ids"])
-        d = answer_nll(dense_model, a["prompt_ids"], a["answer_ids"])
+        d = a["dense_nll"]
         n = len(a["answer_ids"])
         nll_m, nll_d, count = nll_m + m, nll_d + d, count + n
         per_prompt.append({"prompt": a["messages"][-1]["content"], "dense_answer": a["answer"], "tokens": n,
