@@ -41,8 +41,9 @@ step top_h 200 $PY -m kernels.top_h.bench --check \
     --sizes 1x32000,64x32000,256x32000,1x152064,64x152064,256x152064 --out "$OUT/top_h.json"
 step top_h_bf16 100 $PY -m kernels.top_h.bench --check --dtype bfloat16 \
     --sizes 1x152064,256x152064 --out "$OUT/top_h_bf16.json"
-# 2:4 GEMM: ours (GEMV and tl.dot paths) vs cuBLAS dense and cuSPARSELt, (N, K) x M grid, with errors.
-step sparse24 240 $PY -m kernels.sparse24.bench --out "$OUT/sparse24.json"
+# 2:4 GEMM: ours (GEMV and tl.dot paths) vs cuBLAS dense and cuSPARSELt, (N, K) x M grid, with errors; plus an
+# ARMOR row per point (block-diagonal wrappers b = 128 around the same 2:4 kernel) vs dense and plain 2:4.
+step sparse24 360 $PY -m kernels.sparse24.bench --out "$OUT/sparse24.json"
 # Retention: ring compaction (Triton) vs batched torch topk + gather; capacity sum vs materialised T x T.
 step retention 150 $PY -m kernels.retention.bench --check --out "$OUT/retention.json"
 # Bounded KV: one Llama-3-8B-shaped decode layer (GEMMs + gate + attention), ring C = 1024 + 128 vs full
