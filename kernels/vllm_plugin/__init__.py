@@ -3,6 +3,7 @@
 * top_h.py — Top-H logits processors (loaded with vLLM's --logits-processors).
 * sparse24.py — 2:4 sparse linear layers: a QuantizationConfig named "leanserve-2of4"
   (select with vLLM's --quantization leanserve-2of4 on a checkpoint from `leanserve prune`).
+* armor.py — the same method on an ARMOR checkpoint (`--method armor`): the 2:4 core between block-diagonal wrappers.
 * bounded_kv/ — the retention-gated bounded KV cache (BoundedLlamaForCausalLM, selected with
   --hf-overrides; `leanserve serve --kv-budget M` sets it up).
 
