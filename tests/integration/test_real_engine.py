@@ -89,15 +89,18 @@ def test_engine_error_relayed_in_openai_shape(client):
 
 def test_disconnect_mid_stream_aborts_in_vllm(served):
     assert wait_for(lambda: running(served.engine_url) == 0, SETTLE)
+    left = metric(served.url, "leanserve_client_disconnects_total", phase="streaming")
     with httpx.stream("POST", served.url + "/v1/chat/completions", json=LONG_STORY, timeout=60) as r:
-        got = 0
-        for line in r.iter_lines():
+        got, lines = 0, r.iter_lines()  # kept referenced: a collected iterator closes the connection at once
+        for line in lines:
             got += line.startswith("data:")
             if got >= 5:
                 break
         # vLLM's gauges trail its steps: wait for the figure rather than read it once.
         assert wait_for(lambda: running(served.engine_url) == 1, SETTLE)
+        assert metric(served.url, "leanserve_requests_in_flight") == 1  # the client is still there
     assert wait_for(lambda: running(served.engine_url) == 0, SETTLE), "vLLM kept generating for a client that left"
+    assert wait_for(lambda: metric(served.url, "leanserve_client_disconnects_total", phase="streaming") == left + 1)
 
 
 def test_disconnect_while_queued_never_reaches_vllm(served, make_gateway):
