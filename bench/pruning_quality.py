@@ -4,6 +4,7 @@ held-out WikiText-2 perplexity, perplexity on a second text (long reasoning trac
 questions the dense model answers right).
 
   python -m bench.pruning_quality [--methods wanda sparsegpt armor] [--calib wiki chat] [--armor-iters 1000]
+      [--armor-proxy nowag|hessian] [--armor-lr 1e-4]
       [--samples 32] [--seqlen 512] [--work bench-results/pruning] [--json bench/figures/pruning_quality.json]
 
 Every pruned checkpoint is made by the real command, `leanserve prune ... --calib ...` (same calibration
@@ -63,7 +64,7 @@ def prune(model: str, out: Path, method: str, calib: list[Path], a) -> float:
     for c in calib:
         cmd += ["--calib", str(c)]
     if method == "armor":
-        cmd += ["--iters", str(a.armor_iters)]
+        cmd += ["--iters", str(a.armor_iters), "--proxy", a.armor_proxy, "--lr", str(a.armor_lr)]
     print("$", " ".join(cmd), flush=True)
     t0 = time.time()
     subprocess.run(cmd, check=True)
@@ -76,6 +77,8 @@ def main(argv=None) -> int:
     ap.add_argument("--methods", nargs="+", default=["wanda", "sparsegpt", "armor"])
     ap.add_argument("--calib", nargs="+", default=["wiki", "chat"], choices=["wiki", "chat"])
     ap.add_argument("--armor-iters", type=int, default=1000)
+    ap.add_argument("--armor-proxy", default="nowag", choices=["nowag", "hessian"])
+    ap.add_argument("--armor-lr", type=float, default=1e-4)
     ap.add_argument("--samples", type=int, default=32)
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--wiki", default=str(WIKI), help="WikiText-style text split into held-out / calibration halves")
@@ -115,16 +118,18 @@ def main(argv=None) -> int:
     rows = [{"method": "dense", "calib": None, **evaluate(d_tok, dense)}]
     for cal in a.calib:
         for method in a.methods:
-            out = work / f"{method}_{cal}" if method != "armor" else work / f"armor{a.armor_iters}_{cal}"
+            tag = "" if a.armor_proxy == "nowag" else f"h{a.armor_lr:g}"
+            out = work / f"{method}_{cal}" if method != "armor" else work / f"armor{a.armor_iters}{tag}_{cal}"
             secs = prune(model, out, method, calib_sets[cal], a)
             tok, m = load_model(out)
-            rows.append({"method": method, "calib": cal, "prune_seconds": secs, "checkpoint": str(out),
+            label = method if method != "armor" or a.armor_proxy == "nowag" else "armor (hessian)"
+            rows.append({"method": label, "calib": cal, "prune_seconds": secs, "checkpoint": str(out),
                          **evaluate(tok, m)})
             del m
             print(json.dumps({k: v for k, v in rows[-1].items() if not isinstance(v, (list, dict))}), flush=True)
     base = rows[0]
     print(f"\n2:4 pruners on {Path(model).name}: calibration {a.samples} x {a.seqlen} tokens; ARMOR "
-          f"{a.armor_iters} iterations per layer\n")
+          f"{a.armor_iters} iterations per layer, {a.armor_proxy} proxy, lr {a.armor_lr:g}\n")
     print("| method | calibration | WikiText ppl (x dense) | traces ppl (x dense) | chat answers ppl (x dense) | "
           "facts kept |\n|---|---|---:|---:|---:|---:|")
     for r in rows:
@@ -134,7 +139,8 @@ def main(argv=None) -> int:
     if a.json:
         Path(a.json).parent.mkdir(parents=True, exist_ok=True)
         Path(a.json).write_text(json.dumps({"model": Path(model).name, "samples": a.samples, "seqlen": a.seqlen,
-                                            "armor_iters": a.armor_iters, "rows": rows}, indent=1))
+                                            "armor_iters": a.armor_iters, "armor_proxy": a.armor_proxy,
+                                            "armor_lr": a.armor_lr, "rows": rows}, indent=1))
         print(f"\nwrote {a.json}")
     return 0
 

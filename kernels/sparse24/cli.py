@@ -43,6 +43,10 @@ def add_arguments(p) -> None:
     g.add_argument("--iters", type=int, default=1000,
                    help="block coordinate descent iterations per linear layer [default 1000]")
     g.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate of the continuous step [default 1e-4]")
+    g.add_argument("--proxy", choices=prune.ARMOR_PROXIES, default="nowag",
+                   help="layer loss: nowag (the authors': squared error weighted by diag(X X^T), NoWag-P start) or "
+                        "hessian (the layer's output error with the full X X^T, started from SparseGPT's weight; "
+                        "costs a d_out x d_in x d_in product per iteration) [default nowag]")
     p.add_argument("--force", action="store_true", help="overwrite OUT_DIR if it already holds a checkpoint")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -71,7 +75,7 @@ def main(args) -> int:
         return 1
     armor = None
     if args.method == "armor":
-        armor = {"iters": args.iters, "lr": args.lr, "seed": args.seed}
+        armor = {"iters": args.iters, "lr": args.lr, "seed": args.seed, "proxy": args.proxy}
         if args.block_size is not None:
             armor["block"] = args.block_size
     if args.samples < 1 or args.seqlen < 2:
@@ -93,10 +97,12 @@ def main(args) -> int:
     print(f"wrote {out} (2:4 {args.method}{calib}; {summary['seconds']} s)")
     if "armor" in summary:
         arm = summary["armor"]
-        print(f"ARMOR: block size {arm['block_size']}, {arm['iters']} iterations per layer (lr {arm['lr']}); wrappers "
+        start = "SparseGPT" if arm["proxy"] == "hessian" else "NoWag-P"
+        print(f"ARMOR: block size {arm['block_size']}, {arm['iters']} iterations per layer (lr {arm['lr']}, "
+              f"{arm['proxy']} proxy); wrappers "
               f"add {arm['added_params']:,} parameters ({100 * arm['added_params'] / summary['model_params']:.2f}% of "
               f"the model, {100 * arm['added_params'] / summary['dense_block_params']:.2f}% of the block linears); "
-              f"mean proxy loss {summary['loss_init']:.4g} (NoWag-P) -> {summary['loss']:.4g}; per layer in "
+              f"mean proxy loss {summary['loss_init']:.4g} ({start}) -> {summary['loss']:.4g}; per layer in "
               f"{out / 'armor_report.json'}")
         if summary["worse_than_init"]:
             print(f"leanserve: proxy loss above its initialisation in {summary['worse_than_init']}", file=sys.stderr)

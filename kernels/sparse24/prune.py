@@ -19,6 +19,7 @@ from .checkpoint import is_block_linear, write_marker
 from .format import count_24_violations
 
 METHODS = ("magnitude", "wanda", "sparsegpt", "armor")
+ARMOR_PROXIES = ("nowag", "hessian")  # kernels/sparse24/armor.py: the authors' diagonal loss, or the full X X^T
 
 
 # ----------------------------------------------------------------------------- per-layer pruners
@@ -95,21 +96,23 @@ def prune_sparsegpt(w: torch.Tensor, hessian: torch.Tensor, blocksize: int = 128
 class LinearStats:
     """Accumulates what a pruner needs from the inputs of one nn.Linear."""
 
-    def __init__(self, in_features: int, method: str):
+    def __init__(self, in_features: int, method: str, full: bool = False):
+        """full: keep X X^T (SparseGPT does; ARMOR with the full proxy) rather than only its diagonal."""
         self.method = method
         self.tokens = 0
-        if method in ("wanda", "armor"):
-            self.sq = torch.zeros(in_features)
-        elif method == "sparsegpt":
+        self.full = full or method == "sparsegpt"
+        if self.full:
             self.H = torch.zeros(in_features, in_features)
+        elif method in ("wanda", "armor"):
+            self.sq = torch.zeros(in_features)
 
     def add(self, x: torch.Tensor) -> None:
         x = x.detach().reshape(-1, x.shape[-1]).float()
         self.tokens += x.shape[0]
-        if self.method in ("wanda", "armor"):
-            self.sq += (x * x).sum(0)
-        elif self.method == "sparsegpt":
+        if self.full:
             self.H += x.t() @ x
+        elif self.method in ("wanda", "armor"):
+            self.sq += (x * x).sum(0)
 
     def prune(self, w: torch.Tensor, blocksize: int = 128, percdamp: float = 0.01) -> torch.Tensor:
         if self.method == "armor":
@@ -179,8 +182,9 @@ def prune_model_inplace(model, method: str, calib_ids: torch.Tensor | None = Non
                         progress: bool = True, blocksize: int = 128,
                         percdamp: float = 0.01, armor: dict | None = None) -> dict[str, int]:
     """Prune every nn.Linear of model.model.layers to 2:4. calib_ids: [samples, seqlen] token ids
-    (ignored for magnitude). armor: options of kernels/sparse24/armor.armor_prune (block, iters, lr, seed); with
-    method "armor" each linear is replaced by an ArmorLinear and `armor["report"]` collects per-layer losses.
+    (ignored for magnitude). armor: options of kernels/sparse24/armor.armor_prune (block, iters, lr, seed) and
+    "proxy" (ARMOR_PROXIES; "hessian" starts each layer from SparseGPT's result); with method "armor" each linear is
+    replaced by an ArmorLinear and `armor["report"]` collects per-layer losses.
     Returns {linear name: number of weights}."""
     from tqdm.auto import tqdm
 
@@ -192,6 +196,8 @@ def prune_model_inplace(model, method: str, calib_ids: torch.Tensor | None = Non
         armor = {} if armor is None else armor  # filled in place: the caller reads back "block" and "report"
         armor["block"] = armor_block_size(model, armor.get("block"))
         armor.setdefault("report", {})
+        if armor.setdefault("proxy", "nowag") not in ARMOR_PROXIES:
+            raise ValueError(f"unknown ARMOR proxy {armor['proxy']!r}; choose from {', '.join(ARMOR_PROXIES)}")
     bar = tqdm(range(len(layers)), desc=f"2:4 {method}", disable=not progress)
 
     if method == "magnitude":
@@ -208,7 +214,8 @@ def prune_model_inplace(model, method: str, calib_ids: torch.Tensor | None = Non
     for i in bar:
         layer = layers[i]
         linears = block_linears(layer, f"model.layers.{i}")
-        stats = {name: LinearStats(lin.in_features, method) for name, lin in linears.items()}
+        full = method == "armor" and armor["proxy"] == "hessian"
+        stats = {name: LinearStats(lin.in_features, method, full) for name, lin in linears.items()}
         hooks = [lin.register_forward_hook(lambda _m, inp, _o, s=stats[name]: s.add(inp[0]))
                  for name, lin in linears.items()]
         try:
@@ -219,7 +226,7 @@ def prune_model_inplace(model, method: str, calib_ids: torch.Tensor | None = Non
                 hk.remove()
         for name, lin in linears.items():
             if method == "armor":
-                _armor_linear(model, name, lin, stats[name].sq, armor, bar)
+                _armor_linear(model, name, lin, stats[name], armor, bar)
             else:
                 new_w = stats[name].prune(lin.weight.data.float(), blocksize, percdamp)
                 lin.weight.data = new_w.to(lin.weight.dtype)
@@ -229,7 +236,7 @@ def prune_model_inplace(model, method: str, calib_ids: torch.Tensor | None = Non
     return pruned
 
 
-def _armor_linear(model, name: str, lin: nn.Linear, sq: torch.Tensor, opts: dict, bar) -> None:
+def _armor_linear(model, name: str, lin: nn.Linear, stats: LinearStats, opts: dict, bar) -> None:
     """ARMOR on one linear; the model then computes with the factored layer (the next block calibrates on it)."""
     from .armor import armor_prune
     from .armor_model import ArmorLinear, replace_linear
@@ -240,8 +247,15 @@ def _armor_linear(model, name: str, lin: nn.Linear, sq: torch.Tensor, opts: dict
         if it % 50 == 0:
             bar.set_postfix_str(f"{short} iter {it} loss {loss:.4g}", refresh=True)
 
-    res = armor_prune(lin.weight.data.float(), sq, opts["block"], iters=opts.get("iters", 1000),
-                      lr=opts.get("lr", 1e-4), seed=opts.get("seed", 0), on_iter=on_iter)
+    w = lin.weight.data.float()
+    if stats.full:  # the full proxy starts from SparseGPT's 2:4 weight on the same statistics
+        hess = stats.H / max(stats.tokens, 1)
+        kw = {"hessian": hess, "start": prune_sparsegpt(w, hess)}
+        sq = None
+    else:
+        kw, sq = {}, stats.sq
+    res = armor_prune(w, sq, opts["block"], iters=opts.get("iters", 1000), lr=opts.get("lr", 1e-4),
+                      seed=opts.get("seed", 0), on_iter=on_iter, **kw)
     dt = lin.weight.dtype
     replace_linear(model, name, ArmorLinear(res.core.to(dt), res.a.to(dt), res.b.to(dt),
                                             None if lin.bias is None else lin.bias.data))
@@ -273,7 +287,7 @@ def prune_model(model_dir: str, out_dir: str, method: str, calib_path: str | lis
 
     calib_path: text (.txt) or conversations (.jsonl, rendered through the chat template), or a list of them
     (kernels/calibration.py). config.json gets the marker (checkpoint.MARKER_KEY): {"format": "2:4", "method",
-    "samples", "seqlen", "calib"}, plus "armor": {"block_size", "iters", "lr", "added_params"} for ARMOR, whose
+    "samples", "seqlen", "calib"}, plus "armor": {"block_size", "iters", "lr", "proxy", "added_params"} for ARMOR, whose
     wrappers are stored beside each core (kernels/sparse24/armor_model.py). Returns a summary dict.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -318,7 +332,7 @@ def prune_model(model_dir: str, out_dir: str, method: str, calib_path: str | lis
                     for n in pruned)
         report = armor["report"]
         marker["armor"] = {"block_size": armor["block"], "iters": armor.get("iters", 1000), "lr": armor.get("lr", 1e-4),
-                           "added_params": extra}
+                           "proxy": armor["proxy"], "added_params": extra}
         summary = {"added_params": extra, "dense_block_params": sum(pruned.values()),
                    "model_params": sum(p.numel() for p in model.parameters()) - extra,
                    "loss_init": sum(r["loss_init"] for r in report.values()) / len(report),

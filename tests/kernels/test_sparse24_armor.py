@@ -115,6 +115,84 @@ def test_armor_prune_never_ends_above_its_start_even_with_a_huge_step():
     assert r.loss <= r.loss_init
 
 
+# ----------------------------------------------------------------------------- the full proxy (hessian=)
+
+def out_error(w, w_hat, x) -> float:
+    """The layer's relative output error ||(W_hat - W) X||^2 / ||W X||^2: what the full proxy is."""
+    return float(((w_hat - w) @ x.t()).square().sum() / (w @ x.t()).square().sum())
+
+
+def full_problem(d_out=48, d_in=64, block=8, seed=3):
+    w, x, _ = problem(d_out, d_in, seed=seed)
+    hess = x.t() @ x
+    start = P.prune_sparsegpt(w, hess)
+    return w, x, hess, start, AR.init_problem(w, None, block, hessian=hess, start=start)
+
+
+def test_full_proxy_is_the_layer_output_error_and_starts_at_sparsegpt():
+    w, x, hess, start, p = full_problem()
+    torch.testing.assert_close(AR.armor_weight(*AR.fold(p)), start, rtol=1e-4, atol=1e-5)
+    assert p.loss(p.residual()) == pytest.approx(out_error(w, start, x), rel=1e-4)
+    p.a += 0.1 * torch.randn(p.a.shape, generator=torch.Generator().manual_seed(0))
+    assert p.loss(p.residual()) == pytest.approx(out_error(w, AR.armor_weight(*AR.fold(p)), x), rel=1e-4)
+
+
+def test_full_proxy_gradients_match_autograd():
+    w, x, hess, start, p = full_problem(32, 48, 16)
+    g = torch.Generator().manual_seed(5)
+    p.a += 0.1 * torch.randn(p.a.shape, generator=g)
+    p.b += 0.1 * torch.randn(p.b.shape, generator=g)
+    a, c, b = (t.clone().requires_grad_(True) for t in (p.a, p.core, p.b))
+    e = AR.armor_weight(a, c, b) - p.w_bar
+    loss = ((e @ p.hess) * e * p.row_w[:, None]).sum() / p.scale
+    loss.backward()
+    for got, want in zip(AR.gradients(p, p.residual()), (a.grad, c.grad, b.grad)):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
+def test_full_proxy_discrete_step_never_raises_the_loss_and_keeps_its_state_exact():
+    w, x, hess, start, p = full_problem()
+    g = torch.Generator().manual_seed(1)
+    p.a += 0.05 * torch.randn(p.a.shape, generator=g)
+    p.b += 0.05 * torch.randn(p.b.shape, generator=g)
+    resid = p.residual()
+    eh = p.weighted(resid)
+    changed, n_rows = 0, p.a.shape[0]
+    for _ in range(25):
+        before = p.loss(resid, eh)
+        _, g_core, _ = AR.gradients(p, resid, eh)
+        k = AR.discrete_step(p, resid, g_core, g, eh)
+        assert k <= n_rows  # at most one block per block row
+        changed += k
+        true = p.residual()
+        torch.testing.assert_close(resid, true, rtol=1e-4, atol=1e-5)
+        true_eh = true @ p.hess  # kept by rank-b updates: float32 rounding relative to its scale
+        torch.testing.assert_close(eh, true_eh, rtol=1e-3, atol=1e-5 * float(true_eh.abs().max()))
+        assert p.loss(true) <= before * (1 + 1e-5) + 1e-9
+        assert count_24_violations(p.core) == 0 and bool((p.mask.reshape(-1, 4).sum(1) == 2).all())
+    assert changed > 0
+    with pytest.raises(ValueError, match="needs eh"):
+        AR.discrete_step(p, resid, g_core, g)
+
+
+def test_full_proxy_run_beats_sparsegpt_on_the_layer_output():
+    w, x, hess, start, _ = full_problem(64, 96, 16)
+    r = AR.armor_prune(w, None, 16, iters=150, hessian=hess, start=start, lr=1e-3)
+    assert r.loss_init == pytest.approx(out_error(w, start, x), rel=1e-4)
+    w_hat = AR.armor_weight(r.a, r.core, r.b)
+    assert count_24_violations(r.core) == 0
+    assert r.loss == pytest.approx(out_error(w, w_hat, x), rel=1e-3)
+    assert r.loss < 0.97 * r.loss_init
+    # lr 1: Adam overshoots, the best state (SparseGPT's at worst) is what comes back
+    assert AR.armor_prune(w, None, 16, iters=20, hessian=hess, start=start, lr=1.0).loss <= r.loss_init
+
+
+def test_start_must_be_24():
+    w, x, _ = problem(16, 32)
+    with pytest.raises(ValueError, match="not 2:4"):
+        AR.init_problem(w, None, 8, hessian=x.t() @ x, start=w)
+
+
 def test_block_size_rules():
     assert AR.auto_block([(576, 576), (192, 576), (1536, 576), (576, 1536)]) == 16  # the default model
     assert AR.auto_block([(4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336)]) == 128  # Llama-3-8B
@@ -163,6 +241,26 @@ def test_sequential_armor_and_the_stored_format_round_trip(tmp_path):
     assert cfg["leanserve_sparsity"]["method"] == "armor"
 
 
+def test_full_proxy_starts_each_layer_from_sparsegpt_and_improves_on_it():
+    import copy
+
+    ids = torch.randint(0, 101, (4, 24), generator=torch.Generator().manual_seed(0))
+    base = tiny_llama()
+    sgpt = copy.deepcopy(base)
+    P.prune_model_inplace(sgpt, "sparsegpt", ids, progress=False)
+    start = copy.deepcopy(base)
+    P.prune_model_inplace(start, "armor", ids, progress=False, armor={"block": 8, "iters": 0, "proxy": "hessian"})
+    with torch.no_grad():  # 0 iterations: SparseGPT's model, sequential calibration included
+        torch.testing.assert_close(start(ids).logits, sgpt(ids).logits, rtol=1e-4, atol=1e-4)
+    opts = {"block": 8, "iters": 40, "lr": 1e-3, "proxy": "hessian"}
+    P.prune_model_inplace(base, "armor", ids, progress=False, armor=opts)
+    losses = list(opts["report"].values())
+    assert all(r["loss"] <= r["loss_init"] for r in losses)
+    assert sum(r["loss"] for r in losses) < 0.95 * sum(r["loss_init"] for r in losses)
+    with pytest.raises(ValueError, match="unknown ARMOR proxy"):
+        P.prune_model_inplace(tiny_llama(), "armor", ids, progress=False, armor={"block": 8, "proxy": "full"})
+
+
 def test_load_armor_model_refuses_a_plain_checkpoint(tmp_path):
     tiny_llama().save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="not an ARMOR checkpoint"):
@@ -193,3 +291,8 @@ def test_prune_command_writes_an_armor_checkpoint(tmp_path, capsys):
                    "--samples", "2", "--seqlen", "16", "--block-size", "12", "--quiet"])
     assert rc == 1 and "does not divide" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
+    rc = cli_main(["prune", str(src), str(tmp_path / "full"), "--method", "armor", "--calib", text, "--samples", "4",
+                   "--seqlen", "32", "--block-size", "8", "--iters", "5", "--proxy", "hessian", "--quiet"])
+    printed = capsys.readouterr().out
+    assert rc == 0 and "hessian proxy" in printed and "(SparseGPT) ->" in printed, printed
+    assert json.loads((tmp_path / "full" / "config.json").read_text())["leanserve_sparsity"]["armor"]["proxy"] == "hessian"
