@@ -34,6 +34,9 @@ COMMANDS = {
     "prune": Subcommand(
         "prune a HF Llama-style checkpoint to 2:4 sparsity (serve it with --quantization leanserve-2of4)",
         "kernels.sparse24.cli:add_arguments", "kernels.sparse24.cli:main"),
+    "distill": Subcommand(
+        "distil a 2:4 checkpoint towards its dense model (KL on calibration windows; it stays 2:4)",
+        "kernels.sparse24.distill_cli:add_arguments", "kernels.sparse24.distill_cli:main"),
     "train-gates": Subcommand(
         "train TRIM-KV retention gates for a frozen HF model (for --kv-budget serving and `eval kv`)",
         "kernels.retention.cli:add_train_arguments", "kernels.retention.cli:train_main"),
