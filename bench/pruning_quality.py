@@ -4,7 +4,8 @@ held-out WikiText-2 perplexity, perplexity on a second text (long reasoning trac
 questions the dense model answers right).
 
   python -m bench.pruning_quality [--methods wanda sparsegpt armor] [--calib wiki chat] [--armor-iters 1000]
-      [--armor-proxy nowag|hessian] [--armor-lr 1e-4]
+      [--armor-proxy nowag|hessian] [--armor-lr 1e-4] [--distill-steps 0] [--distill-lr 1e-4]
+      [--distill-samples 0]
       [--samples 32] [--seqlen 512] [--work bench-results/pruning] [--json bench/figures/pruning_quality.json]
 
 Every pruned checkpoint is made by the real command, `leanserve prune ... --calib ...` (same calibration
@@ -71,6 +72,22 @@ def prune(model: str, out: Path, method: str, calib: list[Path], a) -> float:
     return round(time.time() - t0, 1)
 
 
+def distill(model: str, pruned: Path, out: Path, calib: list[Path], a) -> float:
+    """Runs `leanserve distill` on a pruned checkpoint (same calibration files, --distill-samples non-overlapping
+    windows of them: by default all, far more than the pruners' budget); returns its wall time."""
+    if (out / "config.json").exists():
+        return 0.0
+    cmd = [sys.executable, "-m", "server.cli", "distill", model, str(pruned), str(out), "--samples",
+           str(a.distill_samples), "--seqlen", str(a.seqlen), "--steps", str(a.distill_steps),
+           "--lr", str(a.distill_lr), "--quiet"]
+    for c in calib:
+        cmd += ["--calib", str(c)]
+    print("$", " ".join(cmd), flush=True)
+    t0 = time.time()
+    subprocess.run(cmd, check=True)
+    return round(time.time() - t0, 1)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=None, help="dense model dir (default: the prepared default model)")
@@ -79,6 +96,11 @@ def main(argv=None) -> int:
     ap.add_argument("--armor-iters", type=int, default=1000)
     ap.add_argument("--armor-proxy", default="nowag", choices=["nowag", "hessian"])
     ap.add_argument("--armor-lr", type=float, default=1e-4)
+    ap.add_argument("--distill-steps", type=int, default=0,
+                    help="also `leanserve distill` every pruned checkpoint, this many steps (0: off)")
+    ap.add_argument("--distill-lr", type=float, default=1e-4)
+    ap.add_argument("--distill-samples", type=int, default=0,
+                    help="non-overlapping calibration windows distillation uses (0: all the calibration files have)")
     ap.add_argument("--samples", type=int, default=32)
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--wiki", default=str(WIKI), help="WikiText-style text split into held-out / calibration halves")
@@ -127,9 +149,18 @@ def main(argv=None) -> int:
                          **evaluate(tok, m)})
             del m
             print(json.dumps({k: v for k, v in rows[-1].items() if not isinstance(v, (list, dict))}), flush=True)
+            if a.distill_steps:
+                dout = out.with_name(f"{out.name}_d{a.distill_steps}lr{a.distill_lr:g}")
+                secs = distill(model, out, dout, calib_sets[cal], a)
+                tok, m = load_model(dout)
+                rows.append({"method": label + " + distill", "calib": cal, "prune_seconds": rows[-1]["prune_seconds"],
+                             "distill_seconds": secs, "checkpoint": str(dout), **evaluate(tok, m)})
+                del m
+                print(json.dumps({k: v for k, v in rows[-1].items() if not isinstance(v, (list, dict))}), flush=True)
     base = rows[0]
     print(f"\n2:4 pruners on {Path(model).name}: calibration {a.samples} x {a.seqlen} tokens; ARMOR "
-          f"{a.armor_iters} iterations per layer, {a.armor_proxy} proxy, lr {a.armor_lr:g}\n")
+          f"{a.armor_iters} iterations per layer, {a.armor_proxy} proxy, lr {a.armor_lr:g}; distillation "
+          f"{a.distill_steps} steps, lr {a.distill_lr:g}\n")
     print("| method | calibration | WikiText ppl (x dense) | traces ppl (x dense) | chat answers ppl (x dense) | "
           "facts kept |\n|---|---|---:|---:|---:|---:|")
     for r in rows:
@@ -140,7 +171,8 @@ def main(argv=None) -> int:
         Path(a.json).parent.mkdir(parents=True, exist_ok=True)
         Path(a.json).write_text(json.dumps({"model": Path(model).name, "samples": a.samples, "seqlen": a.seqlen,
                                             "armor_iters": a.armor_iters, "armor_proxy": a.armor_proxy,
-                                            "armor_lr": a.armor_lr, "rows": rows}, indent=1))
+                                            "armor_lr": a.armor_lr, "distill_steps": a.distill_steps,
+                                            "distill_lr": a.distill_lr, "rows": rows}, indent=1))
         print(f"\nwrote {a.json}")
     return 0
 

@@ -4,7 +4,8 @@ SparseGPT and ARMOR each fit one linear to its own inputs; their errors compound
 the served model loses most (its chat answers, its facts) is in no single layer's loss. This stage trains what
 the pruner chose on the model's own output: the kept values of every 2:4 weight (its mask fixed, so the result
 is still 2:4) and, for ARMOR, the wrappers A and B, to minimise the mean over tokens of KL(dense || pruned) on
-non-overlapping windows of the same calibration files (all of them by default, far more than the pruner's few). Embeddings, norms and the head stay frozen.
+non-overlapping windows of the same calibration files (all of them by default, far more than the pruner's
+few). Embeddings, norms and the head stay frozen.
 
 A few windows are held out: the weights kept are those of the lowest held-out KL seen (measured before the
 first step too), so the stage never returns a model worse on it than the pruner's.
