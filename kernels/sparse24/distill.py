@@ -179,7 +179,7 @@ def distill_checkpoint(model_dir: str, pruned_dir: str, out_dir: str, calib_path
 
     from .checkpoint import read_marker, write_marker
     from .format import count_24_violations
-    from .prune import _save_dtype
+    from .prune import save_like
 
     with open(os.path.join(pruned_dir, "config.json")) as f:
         marker = read_marker(json.load(f))
@@ -196,12 +196,7 @@ def distill_checkpoint(model_dir: str, pruned_dir: str, out_dir: str, calib_path
     bad = [n for n, p, m in sparse_parameters(student) if m is not None and count_24_violations(p)]
     if bad:
         raise RuntimeError(f"distilled weights are not 2:4: {bad[:5]}")
-    save_dtype = _save_dtype(pruned_dir)
-    if save_dtype is not None:
-        student.to(save_dtype)
-    os.makedirs(out_dir, exist_ok=True)
-    student.save_pretrained(out_dir, safe_serialization=True)
-    tokenizer.save_pretrained(out_dir)
+    save_like(student, tokenizer, pruned_dir, out_dir)
     for extra in ("armor_report.json",):  # the pruner's own report stays with the checkpoint
         if os.path.exists(os.path.join(pruned_dir, extra)):
             shutil.copy(os.path.join(pruned_dir, extra), os.path.join(out_dir, extra))

@@ -273,11 +273,17 @@ def calibration_windows(ids: torch.Tensor, samples: int, seqlen: int, seed: int 
     return torch.stack([ids[s:s + seqlen] for s in starts.tolist()])
 
 
-def _save_dtype(model_dir: str):
-    with open(os.path.join(model_dir, "config.json")) as f:
+def save_like(model, tokenizer, src_dir: str, out_dir: str) -> None:
+    """Save model + tokenizer to out_dir (safetensors) in src_dir's half-precision dtype, if it had one (the
+    pruners and distillation compute in float32)."""
+    with open(os.path.join(src_dir, "config.json")) as f:
         cfg = json.load(f)
-    name = cfg.get("dtype") or cfg.get("torch_dtype")
-    return {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(name)
+    dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(cfg.get("dtype") or cfg.get("torch_dtype"))
+    if dtype is not None:
+        model.to(dtype)
+    os.makedirs(out_dir, exist_ok=True)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
 
 
 def prune_model(model_dir: str, out_dir: str, method: str, calib_path: str | list[str] | None = None,
@@ -315,12 +321,7 @@ def prune_model(model_dir: str, out_dir: str, method: str, calib_path: str | lis
     if bad:
         raise RuntimeError(f"pruned weights are not 2:4: {bad}")
 
-    save_dtype = _save_dtype(model_dir)
-    if save_dtype is not None:
-        model.to(save_dtype)
-    os.makedirs(out_dir, exist_ok=True)
-    model.save_pretrained(out_dir, safe_serialization=True)
-    tokenizer.save_pretrained(out_dir)
+    save_like(model, tokenizer, model_dir, out_dir)
     marker = {"method": method,
               "samples": samples if calib is not None else 0,
               "seqlen": seqlen if calib is not None else 0,
