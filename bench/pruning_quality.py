@@ -56,6 +56,14 @@ def text_ids(tok, path: Path, max_tokens: int) -> torch.Tensor:
     return torch.tensor(ids[:max_tokens], dtype=torch.long)
 
 
+def _timed(cmd: list[str]) -> float:
+    """Runs a leanserve command (echoed), failing the benchmark if it fails; returns its wall time."""
+    print("$", " ".join(cmd), flush=True)
+    t0 = time.time()
+    subprocess.run(cmd, check=True)
+    return round(time.time() - t0, 1)
+
+
 def prune(model: str, out: Path, method: str, calib: list[Path], a) -> float:
     """Runs `leanserve prune`; returns its wall time (0 when the checkpoint already exists)."""
     if (out / "config.json").exists():
@@ -66,10 +74,7 @@ def prune(model: str, out: Path, method: str, calib: list[Path], a) -> float:
         cmd += ["--calib", str(c)]
     if method == "armor":
         cmd += ["--iters", str(a.armor_iters), "--proxy", a.armor_proxy, "--lr", str(a.armor_lr)]
-    print("$", " ".join(cmd), flush=True)
-    t0 = time.time()
-    subprocess.run(cmd, check=True)
-    return round(time.time() - t0, 1)
+    return _timed(cmd)
 
 
 def distill(model: str, pruned: Path, out: Path, calib: list[Path], a) -> float:
@@ -82,10 +87,7 @@ def distill(model: str, pruned: Path, out: Path, calib: list[Path], a) -> float:
            "--lr", str(a.distill_lr), "--quiet"]
     for c in calib:
         cmd += ["--calib", str(c)]
-    print("$", " ".join(cmd), flush=True)
-    t0 = time.time()
-    subprocess.run(cmd, check=True)
-    return round(time.time() - t0, 1)
+    return _timed(cmd)
 
 
 def main(argv=None) -> int:
