@@ -37,6 +37,9 @@ COMMANDS = {
     "distill": Subcommand(
         "distil a 2:4 checkpoint towards its dense model (KL on calibration windows; it stays 2:4)",
         "kernels.sparse24.distill_cli:add_arguments", "kernels.sparse24.distill_cli:main"),
+    "self-chat": Subcommand(
+        "write chat conversations by the model itself (Magpie-style) as calibration/distillation data",
+        "kernels.self_chat:add_arguments", "kernels.self_chat:main"),
     "train-gates": Subcommand(
         "train TRIM-KV retention gates for a frozen HF model (for --kv-budget serving and `eval kv`)",
         "kernels.retention.cli:add_train_arguments", "kernels.retention.cli:train_main"),
