@@ -7,6 +7,7 @@ questions the dense model answers right).
       [--armor-proxy nowag|hessian] [--armor-lr 1e-4] [--distill-steps 0] [--distill-lr 1e-4]
       [--distill-samples 0]
       [--samples 32] [--seqlen 512] [--work bench-results/pruning] [--json bench/figures/pruning_quality.json]
+  python -m bench.pruning_quality --checkpoints DIR [DIR ...]   (only evaluate these, same protocol)
 
 Every pruned checkpoint is made by the real command, `leanserve prune ... --calib ...` (same calibration
 budget for every method), and kept in --work (an existing one is reused: delete it to re-prune).
@@ -110,6 +111,8 @@ def main(argv=None) -> int:
     ap.add_argument("--traces", default=str(TRACES), help="second evaluation text (.jsonl of traces or .txt)")
     ap.add_argument("--prompts", default=None, help="held-out chat prompts (default: eval chat's)")
     ap.add_argument("--facts", default=None, help="factual questions (default: eval chat's)")
+    ap.add_argument("--checkpoints", nargs="+", default=None, metavar="DIR",
+                    help="evaluate these existing checkpoints (and the dense model) with the same protocol; no pruning")
     ap.add_argument("--eval-tokens", type=int, default=32768)
     ap.add_argument("--traces-tokens", type=int, default=16384)
     ap.add_argument("--work", default="bench-results/pruning")
@@ -140,7 +143,12 @@ def main(argv=None) -> int:
         return r
 
     rows = [{"method": "dense", "calib": None, **evaluate(d_tok, dense)}]
-    for cal in a.calib:
+    for ckpt in a.checkpoints or []:
+        tok, m = load_model(ckpt)
+        rows.append({"method": Path(ckpt).name, "calib": None, "checkpoint": str(ckpt), **evaluate(tok, m)})
+        del m
+        print(json.dumps({k: v for k, v in rows[-1].items() if not isinstance(v, (list, dict))}), flush=True)
+    for cal in ([] if a.checkpoints else a.calib):
         for method in a.methods:
             tag = "" if a.armor_proxy == "nowag" else f"h{a.armor_lr:g}"
             out = work / f"{method}_{cal}" if method != "armor" else work / f"armor{a.armor_iters}{tag}_{cal}"
@@ -160,9 +168,12 @@ def main(argv=None) -> int:
                 del m
                 print(json.dumps({k: v for k, v in rows[-1].items() if not isinstance(v, (list, dict))}), flush=True)
     base = rows[0]
-    print(f"\n2:4 pruners on {Path(model).name}: calibration {a.samples} x {a.seqlen} tokens; ARMOR "
-          f"{a.armor_iters} iterations per layer, {a.armor_proxy} proxy, lr {a.armor_lr:g}; distillation "
-          f"{a.distill_steps} steps, lr {a.distill_lr:g}\n")
+    if a.checkpoints:
+        print(f"\n2:4 checkpoints against {Path(model).name}\n")
+    else:
+        print(f"\n2:4 pruners on {Path(model).name}: calibration {a.samples} x {a.seqlen} tokens; ARMOR "
+              f"{a.armor_iters} iterations per layer, {a.armor_proxy} proxy, lr {a.armor_lr:g}; distillation "
+              f"{a.distill_steps} steps, lr {a.distill_lr:g}\n")
     print("| method | calibration | WikiText ppl (x dense) | traces ppl (x dense) | chat answers ppl (x dense) | "
           "facts kept |\n|---|---|---:|---:|---:|---:|")
     for r in rows:
