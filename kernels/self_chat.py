@@ -53,7 +53,11 @@ def _stop_ids(model, tokenizer) -> set[int]:
 def _generate(model, tokenizer, texts: list[str], max_new: int, sample: bool, temperature: float, top_p: float,
               stop: set[int]) -> list[tuple[str, bool]]:
     """(decoded continuation without special tokens, ended on a stop token) per text; left-padded batch."""
-    enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"  # generation continues at the right end
+    try:
+        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    finally:
+        tokenizer.padding_side = side
     kw = dict(do_sample=True, temperature=temperature, top_p=top_p) if sample else dict(do_sample=False)
     out = model.generate(**enc, max_new_tokens=max_new, eos_token_id=sorted(stop),
                          pad_token_id=tokenizer.pad_token_id, top_k=None, **kw)
@@ -77,7 +81,6 @@ def self_chat(model, tokenizer, n: int, max_user_tokens: int = 96, max_answer_to
         raise ValueError("self-chat needs temperature > 0, 0 < top_p <= 1 and answer temperature >= 0")
     prefix = user_prefix(tokenizer)
     stop = _stop_ids(model, tokenizer)
-    tokenizer.padding_side = "left"
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     torch.manual_seed(seed)

@@ -67,11 +67,13 @@ def test_bad_arguments_are_errors(real):
 
 def test_the_default_model_writes_conversations_the_calibration_reads(tmp_path, real):
     tok, model = real
+    side = tok.padding_side
     convs, st = S.self_chat(model, tok, 2, max_user_tokens=48, max_answer_tokens=12, batch=4, seed=3,
                             progress=False)
     again, _ = S.self_chat(model, tok, 2, max_user_tokens=48, max_answer_tokens=12, batch=4, seed=3,
                            progress=False)
     assert convs == again  # seeded
+    assert tok.padding_side == side  # the caller's tokenizer is left as it was
     assert len(convs) == 2 and len({c[0]["content"] for c in convs}) == 2
     assert all(c[0]["content"].strip() and c[1]["content"].strip() for c in convs)
     assert all("<|im_end|>" not in c[0]["content"] + c[1]["content"] for c in convs)  # no special tokens
