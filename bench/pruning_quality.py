@@ -143,11 +143,15 @@ def main(argv=None) -> int:
         return r
 
     rows = [{"method": "dense", "calib": None, **evaluate(d_tok, dense)}]
+
+    def add(row: dict) -> None:
+        rows.append(row)
+        print(json.dumps({k: v for k, v in row.items() if not isinstance(v, (list, dict))}), flush=True)
+
     for ckpt in a.checkpoints or []:
         tok, m = load_model(ckpt)
-        rows.append({"method": Path(ckpt).name, "calib": None, "checkpoint": str(ckpt), **evaluate(tok, m)})
+        add({"method": Path(ckpt).name, "calib": None, "checkpoint": str(ckpt), **evaluate(tok, m)})
         del m
-        print(json.dumps({k: v for k, v in rows[-1].items() if not isinstance(v, (list, dict))}), flush=True)
     for cal in ([] if a.checkpoints else a.calib):
         for method in a.methods:
             tag = "" if a.armor_proxy == "nowag" else f"h{a.armor_lr:g}"
@@ -155,18 +159,15 @@ def main(argv=None) -> int:
             secs = prune(model, out, method, calib_sets[cal], a)
             tok, m = load_model(out)
             label = method if method != "armor" or a.armor_proxy == "nowag" else "armor (hessian)"
-            rows.append({"method": label, "calib": cal, "prune_seconds": secs, "checkpoint": str(out),
-                         **evaluate(tok, m)})
+            add({"method": label, "calib": cal, "prune_seconds": secs, "checkpoint": str(out), **evaluate(tok, m)})
             del m
-            print(json.dumps({k: v for k, v in rows[-1].items() if not isinstance(v, (list, dict))}), flush=True)
             if a.distill_steps:
                 dout = out.with_name(f"{out.name}_d{a.distill_steps}lr{a.distill_lr:g}")
                 secs = distill(model, out, dout, calib_sets[cal], a)
                 tok, m = load_model(dout)
-                rows.append({"method": label + " + distill", "calib": cal, "prune_seconds": rows[-1]["prune_seconds"],
-                             "distill_seconds": secs, "checkpoint": str(dout), **evaluate(tok, m)})
+                add({"method": label + " + distill", "calib": cal, "prune_seconds": rows[-1]["prune_seconds"],
+                     "distill_seconds": secs, "checkpoint": str(dout), **evaluate(tok, m)})
                 del m
-                print(json.dumps({k: v for k, v in rows[-1].items() if not isinstance(v, (list, dict))}), flush=True)
     base = rows[0]
     if a.checkpoints:
         print(f"\n2:4 checkpoints against {Path(model).name}\n")
