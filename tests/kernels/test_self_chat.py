@@ -51,6 +51,48 @@ def test_unfinished_blank_and_duplicate_user_turns_are_dropped(monkeypatch, real
     assert calls == [(4, True), (1, False), (4, True), (2, False)]  # answers greedy, only for kept turns
 
 
+def test_user_starts_are_cycled_and_held_out_questions_are_dropped(monkeypatch, real):
+    tok, model = real
+    prefix = S.user_prefix(tok)
+    seen_texts = []
+
+    def fake(model, tokenizer, texts, max_new, sample, temperature, top_p, stop):
+        if not sample:
+            return [("an answer ", True)] * len(texts)
+        seen_texts.append(texts)
+        return [(" the capital of France?", True), (" wrote Hamlet?", True), (" is tea made?", True)][:len(texts)]
+
+    monkeypatch.setattr(S, "_generate", fake)
+    convs, st = S.self_chat(model, tok, 2, batch=3, progress=False, user_starts=["What is", " Who ", "How"],
+                            exclude=["What's the capital of France?", "Who wrote the play Romeo and Juliet?"])
+    assert seen_texts[0] == [prefix + "What is", prefix + "Who", prefix + "How"]
+    # "What is the capital of France?" is close to the first held-out question (Jaccard 5/7 >= 0.5)
+    assert [c[0]["content"] for c in convs] == ["Who wrote Hamlet?", "How is tea made?"]
+    assert [c[1]["content"] for c in convs] == ["an answer"] * 2
+    assert st["excluded"] == 1
+    assert S.near("who wrote the play romeo and juliet", [S._words("Who wrote the play Romeo and Juliet?")])
+    assert not S.near("Who wrote Hamlet?", [S._words("Who wrote the play Romeo and Juliet?")])
+    with pytest.raises(ValueError, match="blank"):
+        S.self_chat(model, tok, 1, progress=False, user_starts=[" "])
+
+
+def test_held_out_texts_reads_eval_files(tmp_path):
+    from kernels.chat_quality import load_facts
+
+    facts = S.held_out_texts("data/chat_eval/facts.jsonl")
+    assert facts == [f["question"] for f in load_facts()]
+    assert len(S.held_out_texts("data/chat_eval/prompts.jsonl")) == 24
+    conv = tmp_path / "c.jsonl"
+    conv.write_text(json.dumps({"messages": [{"role": "user", "content": "Hi?"},
+                                             {"role": "assistant", "content": "Hello."}]}) + "\n")
+    assert S.held_out_texts(conv) == ["Hi?"]
+    (tmp_path / "t.txt").write_text("one\n\n two \n")
+    assert S.held_out_texts(tmp_path / "t.txt") == ["one", "two"]
+    (tmp_path / "bad.jsonl").write_text('{"answer": 3}\n')
+    with pytest.raises(ValueError, match="bad.jsonl:1"):
+        S.held_out_texts(tmp_path / "bad.jsonl")
+
+
 def test_a_model_that_never_ends_a_user_turn_is_an_error(monkeypatch, real):
     tok, model = real
     monkeypatch.setattr(S, "_generate", lambda m, t, texts, *a: [("never ends", False)] * len(texts))
@@ -107,3 +149,10 @@ def test_cli_writes_the_jsonl_and_refuses_bad_paths(tmp_path, capsys):
     assert ".jsonl" in capsys.readouterr().err
     assert cli(["self-chat", str(tmp_path / "nope"), str(tmp_path / "d.jsonl"), "--quiet"]) == 1
     assert "MODEL_DIR" in capsys.readouterr().err
+    assert cli(["self-chat", m, str(tmp_path / "e.jsonl"), "--exclude", str(tmp_path / "missing.jsonl"),
+                "--quiet"]) == 1
+    assert "--exclude" in capsys.readouterr().err
+    out = tmp_path / "s.jsonl"
+    assert cli(["self-chat", m, str(out), "--n", "2", "--max-user-tokens", "32", "--max-answer-tokens", "8",
+                "--batch", "4", "--user-start", "What is", "--exclude", "data/chat_eval/facts.jsonl", "--quiet"]) == 0
+    assert all(json.loads(x)["messages"][0]["content"].startswith("What is") for x in out.read_text().splitlines())
