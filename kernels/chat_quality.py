@@ -51,7 +51,8 @@ def _resolve(path, default: str) -> Path:
     return p
 
 
-def _jsonl(path: Path):
+def jsonl_records(path: Path):
+    """(line number, object) for each non-blank line of a .jsonl; a clear error on a line that is not JSON."""
     for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         if line.strip():
             try:
@@ -65,7 +66,7 @@ def load_prompts(path: str | Path | None = None) -> list[list[dict]]:
     {"messages": [...]} ending with a user turn. Each as a list of messages."""
     path = _resolve(path, DEFAULT_PROMPTS)
     out = []
-    for n, obj in _jsonl(path):
+    for n, obj in jsonl_records(path):
         if isinstance(obj, dict) and isinstance(obj.get("prompt"), str):
             out.append([{"role": "user", "content": obj["prompt"]}])
             continue
@@ -82,7 +83,7 @@ def load_facts(path: str | Path | None = None) -> list[dict]:
     """Factual questions (default data/chat_eval/facts.jsonl): lines {"question": str, "answers": [str, ...]}."""
     path = _resolve(path, DEFAULT_FACTS)
     out = []
-    for n, obj in _jsonl(path):
+    for n, obj in jsonl_records(path):
         answers = obj.get("answers") if isinstance(obj, dict) else None
         if not (isinstance(obj.get("question") if isinstance(obj, dict) else None, str) and isinstance(answers, list)
                 and answers and all(isinstance(a, str) and a.strip() for a in answers)):

@@ -155,16 +155,13 @@ def self_chat(model, tokenizer, n: int, max_user_tokens: int = 96, max_answer_to
 def held_out_texts(path: str | Path) -> list[str]:
     """The texts of an evaluation file to keep out: a .jsonl's "question"/"prompt" fields and user messages, or
     the non-blank lines of any other file."""
+    from kernels.chat_quality import jsonl_records
+
     path = Path(path)
-    lines = [x for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
     if path.suffix != ".jsonl":
-        return [x.strip() for x in lines]
+        return [x.strip() for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
     out = []
-    for n, line in enumerate(lines, 1):
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{n}: not JSON ({e.msg})") from None
+    for n, obj in jsonl_records(path):
         if not isinstance(obj, dict):
             raise ValueError(f"{path}:{n}: expected an object")
         found = [obj[k] for k in ("question", "prompt") if isinstance(obj.get(k), str)]
