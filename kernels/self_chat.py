@@ -116,10 +116,10 @@ def self_chat(model, tokenizer, n: int, max_user_tokens: int = 96, max_answer_to
     t0 = time.time()
     while len(convs) < n:
         if stats["user_turns_sampled"] >= 20 * n + 100:
-            raise RuntimeError(f"only {len(convs)} usable user turns in {stats['user_turns_sampled']} samples: the "
-                               f"model rarely ends a user turn within {max_user_tokens} tokens ({stats['unfinished']} unfinished) or "
-                               f"repeats itself ({stats['blank_or_duplicate']}) or stays close to --exclude "
-                               f"({stats['excluded']})")
+            raise RuntimeError(
+                f"only {len(convs)} usable user turns in {stats['user_turns_sampled']} samples: the model rarely "
+                f"ends a user turn within {max_user_tokens} tokens ({stats['unfinished']} unfinished) or repeats "
+                f"itself ({stats['blank_or_duplicate']}) or stays close to --exclude ({stats['excluded']})")
         users = []
         k = stats["user_turns_sampled"]
         heads = [starts[(k + i) % len(starts)] if starts else "" for i in range(batch)]
