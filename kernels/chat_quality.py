@@ -11,7 +11,7 @@ that see it, both through the model's chat template as a served request is rende
   the dense model stopped within the budget: knowing when to stop is part of chatting.
 - facts: simple factual questions asked greedily to both; of those the dense model gets right, how many
   MODEL still gets right ("facts_kept of facts_dense_right"). A reply is right when one of the accepted
-  answers occurs in it (answer_matches).
+  answers occurs in it and, for a numeric answer, the first number it commits to is that answer (fact_right).
 
 The dense answers (generation is most of the cost) are cached: in memory per dense model object, and by the
 CLI in ~/.cache/leanserve/chat_eval/ keyed by the dense checkpoint's config.json, the prompts file and
@@ -107,6 +107,68 @@ def answer_matches(reply: str, answers: list[str]) -> bool:
         pat = r"(?<!\w)(?<!\d[.,])" + re.escape(_norm(a)) + r"(?![.,]\d)(?!\w)"
         if re.search(pat, text, flags=re.IGNORECASE):
             return True
+    return False
+
+
+_NUMBER_WORDS = ("zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen "
+                 "sixteen seventeen eighteen nineteen twenty thirty forty fifty sixty seventy eighty ninety hundred "
+                 "thousand million").split()
+_NW = "(?:" + "|".join(_NUMBER_WORDS) + ")"
+# A number as a reply states it: digits with decimal or thousands separators ("9.33", "1,400"; "100%" is a
+# percentage, not 100) or a run of number words ("twenty-four", "one hundred"). A lone "one" is left out: it
+# is mostly a pronoun ("one of ...").
+_NUMBER = re.compile(r"(?<![\w.,])\d+(?:[.,]\d+)*%?(?!\w)|\b" + _NW + r"(?:[\s-]+" + _NW + r")*\b", re.IGNORECASE)
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n+")
+
+
+_WORD_VALUE = {w: i for i, w in enumerate(_NUMBER_WORDS[:20])} | {w: 10 * i for i, w in enumerate(_NUMBER_WORDS[20:28], 2)}
+_SCALE = {"hundred": 100, "thousand": 1000, "million": 10 ** 6}
+
+
+def _value(mention: str) -> str:
+    """A canonical spelling of a number, so that "ten" and "10" compare equal: digits without thousands
+    separators ("1,400" -> "1400"); number words summed ("twenty four" -> "24", "one hundred" -> "100")."""
+    if mention[0].isdigit():
+        return re.sub(r"(?<=\d),(?=\d{3}(?!\d))", "", mention)
+    total = current = 0
+    for w in mention.split():
+        if w in _SCALE:
+            current = max(current, 1) * _SCALE[w]
+            if w != "hundred":
+                total, current = total + current, 0
+        else:
+            current += _WORD_VALUE[w]
+    return str(total + current)
+
+
+def _numbers(text: str) -> list[str]:
+    """The numbers `text` states, in order, each as _value spells it."""
+    out = []
+    for m in _NUMBER.finditer(text):
+        n = re.sub(r"[\s-]+", " ", m.group(0).lower())
+        if n != "one":
+            out.append(_value(n))
+    return out
+
+
+def fact_right(reply: str, answers: list[str], question: str = "") -> bool:
+    """Whether `reply` answers a factual question right: an accepted answer occurs in it (answer_matches) and,
+    for a question with a numeric answer (an accepted answer that is a number), the first sentence of the
+    reply that states a number not already in the question states no number but accepted ones. A reply
+    commits to the first number it gives: "A day is 36 hours. A week is 24 hours." is wrong for 24, and so is
+    a sentence that gives the answer beside another ("Half of 10 is 10/2 = 5/2 = 2/4", "3 sides, so 3 * 3 =
+    9 sides"). Answers that are not numbers (names, places) have no such check: only their presence counts."""
+    if not answer_matches(reply, answers):
+        return False
+    numeric = [_numbers(a) for a in answers]
+    accepted = {n[0] for n in numeric if len(n) == 1}
+    if not accepted:
+        return True
+    given = set(_numbers(question))
+    for sentence in _SENTENCE_END.split(reply):
+        new = [n for n in _numbers(sentence) if n not in given]
+        if new:
+            return all(n in accepted for n in new)
     return False
 
 
@@ -241,14 +303,21 @@ def chat_quality(model, tokenizer, dense_model, dense_tokenizer, prompts: list[l
     for f, msgs, d in zip(facts, questions, dense_replies):
         model_reply = _reply_text(tokenizer, greedy_reply(model, tokenizer, msgs, FACT_MAX_NEW_TOKENS)[1])
         rows.append({"question": f["question"], "answers": f["answers"],
-                     "dense_reply": d["answer"], "dense_right": answer_matches(d["answer"], f["answers"]),
-                     "model_reply": model_reply, "model_right": answer_matches(model_reply, f["answers"])})
+                     "dense_reply": d["answer"], "model_reply": model_reply})
     return {"answer_ppl": ppl_m, "answer_ppl_dense": ppl_d, "answer_ppl_ratio": ppl_m / ppl_d,
             "answer_tokens": count, "n_prompts": len(per_prompt), "max_new_tokens": max_new_tokens,
-            "facts_n": len(rows), "facts_dense_right": sum(r["dense_right"] for r in rows),
+            **score_facts(rows), "dense_cache": used, "dense_facts_cache": facts_used, "seconds": round(time.time() - t0, 1), "answers": per_prompt, "facts": rows}
+
+
+def score_facts(rows: list[dict]) -> dict:
+    """Marks each row ({question, answers, dense_reply, model_reply}) dense_right / model_right by fact_right,
+    in place, and returns the counts: facts_n, facts_dense_right, facts_kept (right for both), facts_model_right."""
+    for r in rows:
+        r["dense_right"] = fact_right(r["dense_reply"], r["answers"], r["question"])
+        r["model_right"] = fact_right(r["model_reply"], r["answers"], r["question"])
+    return {"facts_n": len(rows), "facts_dense_right": sum(r["dense_right"] for r in rows),
             "facts_kept": sum(r["dense_right"] and r["model_right"] for r in rows),
-            "facts_model_right": sum(r["model_right"] for r in rows),
-            "dense_cache": used, "dense_facts_cache": facts_used, "seconds": round(time.time() - t0, 1), "answers": per_prompt, "facts": rows}
+            "facts_model_right": sum(r["model_right"] for r in rows)}
 
 
 def _sha(path: Path) -> str:

@@ -35,12 +35,42 @@ def test_answer_matches_on_word_boundaries(reply, answers, right):
     assert C.answer_matches(reply, answers) is right
 
 
+@pytest.mark.parametrize("reply, answers, question, right", [
+    ("The capital of France is Paris.", ["Paris"], "What is the capital of France?", True),
+    ("The capital of France is France.", ["Paris"], "What is the capital of France?", False),
+    ("Half of 10 is 5.", ["5", "five"], "What is half of 10?", True),
+    ("Half of ten is five.", ["5", "five"], "What is half of 10?", True),
+    ("Half of 10 is 10/2 = 5/2 = 2/4.", ["5", "five"], "What is half of 10?", False),
+    ("A day is 36 hours.\nA week is 24 hours.", ["24", "twenty-four"], "How many hours are in a day?", False),
+    ("A day is made of hours. So, a day is twenty-four hours.", ["24", "twenty-four"], "How many hours?", True),
+    ("A day is made of hours. So, a day is 24 hours. A week is 168 hours.", ["24"], "How many hours?", True),
+    ("A triangle has 3 sides, so it has 3 * 3 = 9 sides.", ["3", "three"], "How many sides?", False),
+    ("3 times 3 is 9.33.33.33", ["9", "nine"], "What is 3 times 3?", False),
+    ("2 + 2 = 4", ["4", "four"], "What is 2 plus 2?", True),
+    ("Water boils at 100%.", ["100", "one hundred"], "At how many degrees?", False),
+    ("Water boils at one hundred degrees.", ["100", "one hundred"], "At how many degrees?", True),
+    ("It is one of the 7 days.", ["7", "seven"], "How many days are in a week?", True),
+    ("The answer is 2 + 2.", ["4", "four"], "What is 2 plus 2?", False),
+])
+def test_fact_right_commits_to_the_first_number(reply, answers, question, right):
+    assert C.fact_right(reply, answers, question) is right
+
+
+def test_score_facts_counts_only_what_the_dense_model_gets_right():
+    rows = [{"question": "What is 2 plus 2?", "answers": ["4"], "dense_reply": "It is 4.", "model_reply": "4."},
+            {"question": "What is 3 times 3?", "answers": ["9"], "dense_reply": "It is 6.", "model_reply": "9"},
+            {"question": "Capital of Japan?", "answers": ["Tokyo"], "dense_reply": "Tokyo.", "model_reply": "Japan."}]
+    assert C.score_facts(rows) == {"facts_n": 3, "facts_dense_right": 2, "facts_kept": 1, "facts_model_right": 2}
+    assert [r["model_right"] for r in rows] == [True, True, False]
+
+
 def test_shipped_prompts_and_facts_load():
     prompts, facts = C.load_prompts(), C.load_facts()
     assert len(prompts) == 24 and all(p[-1]["role"] == "user" for p in prompts)
     assert len(facts) == 16 and all(f["answers"] for f in facts)
     # An echoed question must not count as right.
     assert not any(C.answer_matches(f["question"], f["answers"]) for f in facts)
+    assert not any(C.fact_right(f["question"], f["answers"], f["question"]) for f in facts)
 
 
 @pytest.mark.parametrize("line, message", [
@@ -144,3 +174,21 @@ def test_cli_errors(tmp_path, capsys):
     assert "no config.json" in capsys.readouterr().err
     assert cli.main(["eval", "chat", str(tmp_path), "--dense", str(tmp_path), "--prompts", "nope.jsonl"]) == 1
     assert "nope.jsonl not found" in capsys.readouterr().err
+
+
+def test_rescore_facts_rewrites_stored_verdicts(tmp_path, capsys):
+    """bench.rescore_facts re-applies fact_right to stored replies (a pruning_quality-shaped file) and
+    refuses a file with no factual results."""
+    from bench import rescore_facts
+    rows = [{"question": "How many hours are in a day?", "answers": ["24"], "dense_reply": "It has 24 hours.",
+             "dense_right": True, "model_reply": "A day is 36 hours. A week is 24 hours.", "model_right": True}]
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps({"rows": [{"method": "armor", "calib": "chat", "facts_kept": 1, "facts": rows}]}))
+    assert rescore_facts.main([str(path), "--dry-run"]) == 0
+    assert json.loads(path.read_text())["rows"][0]["facts_kept"] == 1  # dry run: untouched
+    assert rescore_facts.main([str(path)]) == 0
+    row = json.loads(path.read_text())["rows"][0]
+    assert (row["facts_kept"], row["facts_dense_right"], row["facts"][0]["model_right"]) == (0, 1, False)
+    assert "armor chat: facts kept 1 -> 0" in capsys.readouterr().out
+    (tmp_path / "empty.json").write_text("{}")
+    assert rescore_facts.main([str(tmp_path / "empty.json")]) == 1
