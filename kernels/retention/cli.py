@@ -128,7 +128,9 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--budgets", type=int, nargs="+", default=[64, 128, 256], help="budgets M [64 128 256]")
     p.add_argument("--buffer", type=int, default=128, help="eviction buffer B [128]")
     p.add_argument("--methods", nargs="+", default=["retention", "streaming", "h2o", "snapkv"],
-                   choices=["retention", "streaming", "h2o", "snapkv"], help="policies to compare")
+                   choices=["retention", "streaming", "h2o", "snapkv", "oracle"],
+                   help="policies to compare; oracle: keep what full attention will attend to most (reads the "
+                        "future: a reference for the room there is, not a policy)")
     p.add_argument("--sinks", type=int, default=4,
                    help="first positions the retention and streaming policies always keep (0: the TRIM-KV "
                         "authors' rule for retention) [4]")

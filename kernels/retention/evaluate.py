@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from .gate import GateSet
 from .llama import BoundedLM, Parts, forward_full
+from .oracle import OraclePolicy, compaction_starts, future_attention, set_future
 from .reference import BoundedCache, make_policy
 
 
@@ -38,7 +39,8 @@ def _nll_kl(full_logp: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor)
 
 def evaluate(parts: Parts, gates: GateSet | None, texts: dict[str, list[torch.Tensor]], budgets: list[int],
              buffer: int, methods: list[str], progress: bool = True, sinks: int = 4) -> list[Row]:
-    """sinks: first positions the retention and streaming policies always keep."""
+    """sinks: first positions the retention and streaming policies always keep. methods may include "oracle"
+    (oracle.py: a hindsight reference, not a policy an engine can run)."""
     rows = []
     jobs = [(name, m, b) for name in texts for m in methods for b in budgets]
     bar = None
@@ -58,13 +60,19 @@ def evaluate(parts: Parts, gates: GateSet | None, texts: dict[str, list[torch.Te
                     bar.update(1)
         n_tok = sum(len(s) - 1 for s in seqs)
         rows.append(Row(name, "full", 0, float(torch.tensor(nll / n_tok).exp()), 0.0, n_tok, 0.0))
+        if "oracle" in methods:
+            starts = sorted({s for b in budgets for ids in seqs for s in compaction_starts(b, buffer, len(ids))})
+            futures = [future_attention(parts, ids, starts) for ids in seqs]
         for method in methods:
             for budget in budgets:
                 t0 = time.perf_counter()
                 nll = kl = 0.0
-                for ids, logp in zip(seqs, full):
+                for j, (ids, logp) in enumerate(zip(seqs, full)):
                     kw = {"sinks": sinks} if method in ("retention", "streaming") else {}
-                    cache = BoundedCache(parts.num_layers, budget, buffer, make_policy(method, **kw))
+                    policy = OraclePolicy() if method == "oracle" else make_policy(method, **kw)
+                    cache = BoundedCache(parts.num_layers, budget, buffer, policy)
+                    if method == "oracle":
+                        set_future(cache, futures[j])
                     lm = BoundedLM(parts, cache, gates if method == "retention" else None)
                     a, b = _nll_kl(logp, lm.feed(ids), ids[1:])
                     nll, kl = nll + a, kl + b
