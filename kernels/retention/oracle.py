@@ -4,9 +4,10 @@ the end of the sequence. It reads the future, so no engine can run it; it shows 
 that scores tokens and keeps the top M can remove at a budget, so a learned policy's gap to a baseline can be
 read against the room there is.
 
-The future attention comes from one full-attention pass (this model, no eviction): per layer, the softmax
-probabilities summed over the query heads of each KV head and over the queries from a start position on, for
-each start where the bounded cache will compact (compaction_starts).
+The future attention comes from one full-attention pass (this model, no eviction; rank.py computes it, the
+same target the rank training objective uses): per layer, the softmax probabilities summed over the query
+heads of each KV head and over the queries from a start position on, for each start where the bounded cache
+will compact (compaction_starts).
 """
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ from dataclasses import dataclass
 import torch
 
 from .llama import Parts
-from .reference import INF, BoundedCache, Policy
+from .rank import layer_inputs_and_future
+from .reference import BoundedCache, Policy
 
 
 def compaction_starts(budget: int, buffer: int, n_tokens: int) -> list[int]:
@@ -31,26 +33,10 @@ def compaction_starts(budget: int, buffer: int, n_tokens: int) -> list[int]:
     return starts
 
 
-@torch.no_grad()
 def future_attention(parts: Parts, ids: torch.Tensor, starts: list[int]) -> list[dict[int, torch.Tensor]]:
     """ids [T] -> per layer {start: [Hkv, T] attention that keys receive from queries at positions >= start}
     under full causal attention (probabilities summed over each KV head's query heads)."""
-    t_len = ids.shape[0]
-    h = parts.embed(ids.unsqueeze(0))
-    positions = torch.arange(t_len, device=ids.device).unsqueeze(0)
-    cos, sin = parts.rope(h, positions)
-    g = parts.hq // parts.hkv
-    causal = torch.ones(t_len, t_len, dtype=torch.bool, device=ids.device).tril()
-    out = []
-    for layer in parts.layers:
-        q, k, v = parts.qkv(layer, layer.input_layernorm(h), cos, sin)
-        logits = torch.matmul(q[0].float(), k[0].repeat_interleave(g, 0).float().transpose(1, 2)) * parts.scale
-        p = torch.softmax(logits.masked_fill(~causal, -INF), -1)                  # [Hq, T, T]
-        attn = torch.matmul(p, v[0].repeat_interleave(g, 0).float()).to(q.dtype)
-        per_kv = p.view(parts.hkv, g, t_len, t_len).sum(1)                        # [Hkv, T, T]
-        out.append({s: per_kv[:, s:].sum(1) for s in starts})
-        h = parts.finish(layer, h, attn.unsqueeze(0))
-    return out
+    return [dict(zip(starts, future)) for _, future in layer_inputs_and_future(parts, ids, sorted(starts))]
 
 
 @dataclass

@@ -6,7 +6,8 @@ The gated model adds log beta_k * (q - k) to every attention logit (the soft for
 the teacher is the same model without gates. L_cap (reference.capacity_loss) asks that the expected
 number of retained tokens S_t = sum_i beta_i^(t-i) stays within the budget M at every step.
 Training state (gates, optimiser, step, losses) is saved every `checkpoint_every` steps and on
-Ctrl-C; running again with the same OUT_DIR resumes.
+Ctrl-C; running again with the same OUT_DIR resumes. objective="rank" trains the served eviction rule against
+hindsight instead (rank.py; ours, not the authors').
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ import torch.nn.functional as F
 from .data import TokenPool, read_documents
 from .gate import GateMeta, GateSet, config_sha256
 from .llama import Parts, check_supported, forward_full
+from . import rank
 from .ops import capacity_sum
 from .reference import capacity_loss
 
@@ -52,8 +54,15 @@ class TrainConfig:
     recompute: bool = False          # recompute layers in the backward pass (long sequences)
     sinks: int = 4                   # the first positions of every sequence are never forgotten, as served
     threads: int = 0
+    objective: str = "trimkv"        # "trimkv": the authors' loss; "rank": rank.py against hindsight
+    rank_budgets: list[int] = field(default_factory=lambda: [64, 128, 256])
+    rank_starts: int = 8             # compaction starts sampled per sequence (rank objective)
 
     def check(self) -> None:
+        if self.objective not in ("trimkv", "rank"):
+            raise ValueError(f"unknown objective {self.objective!r}: trimkv or rank")
+        if self.objective == "rank" and (min(self.rank_budgets) <= self.sinks or self.rank_starts < 1):
+            raise ValueError("rank budgets must exceed --sinks and --rank-starts must be >= 1")
         if self.seq_len < 4 * self.budget:
             raise ValueError(f"--seq-len {self.seq_len} must be at least 4x the budget ({4 * self.budget})")
         if min(self.budget, self.buffer, self.batch, self.steps, self.gate_width) < 1:
@@ -64,7 +73,7 @@ class TrainConfig:
     def same_run(self, other: dict) -> list[str]:
         """Fields that differ from a saved run's config (what may not change on resume)."""
         fixed = ("model_dir", "budget", "seq_len", "batch", "gate_width", "bias_init", "seed", "sources", "init_from",
-                 "sinks")
+                 "sinks", "objective", "rank_budgets", "rank_starts")
         return [k for k in fixed if other.get(k) != asdict(self)[k]]
 
 
@@ -192,8 +201,15 @@ class Trainer:
                 t0 = time.perf_counter()
                 for g in opt.param_groups:
                     g["lr"] = lr_at(cfg, step)
-                parts_ = losses(parts, gates, self.batch(pools, step), cfg.budget, cfg.recompute, cfg.sinks)
-                loss = parts_["task"] + cfg.cap_weight * parts_["cap"]
+                if cfg.objective == "rank":
+                    starts = rank.sample_starts(np.random.default_rng([cfg.seed, step, 1]), cfg.seq_len,
+                                                cfg.rank_budgets, cfg.buffer, cfg.rank_starts)
+                    parts_ = rank.losses(parts, gates, self.batch(pools, step), cfg.rank_budgets, cfg.buffer,
+                                         cfg.sinks, starts)
+                    loss = parts_["rank"]
+                else:
+                    parts_ = losses(parts, gates, self.batch(pools, step), cfg.budget, cfg.recompute, cfg.sinks)
+                    loss = parts_["task"] + cfg.cap_weight * parts_["cap"]
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -206,7 +222,7 @@ class Trainer:
                     stop["now"] = True
                 if bar is not None:
                     bar.update(1)
-                    bar.set_postfix(loss=f"{rec['loss']:.4f}", kl=f"{rec['kl']:.4f}", cap=f"{rec['cap']:.3f}")
+                    bar.set_postfix({k: f"{rec[k]:.4f}" for k in self.curve_keys()[1:]}, loss=f"{rec['loss']:.4f}")
                 if step % cfg.checkpoint_every == 0 or step == cfg.steps or stop["now"]:
                     self._save_state(gates, opt, history, step, seconds)
         finally:
@@ -223,7 +239,10 @@ class Trainer:
             "threads": torch.get_num_threads(),
             "sources": [{k: (Path(v).name if k in ("path", "exclude_ids_from") else v) for k, v in s.items()}
                         for s in cfg.sources],
-            "final": {k: round(float(np.mean([h[k] for h in history[-20:]])), 5) for k in ("loss", "ce", "kl", "cap")},
+            "objective": cfg.objective, **({"rank_budgets": cfg.rank_budgets, "rank_starts": cfg.rank_starts}
+                                           if cfg.objective == "rank" else {}),
+            "final": {k: round(float(np.mean([h[k] for h in history[-20:]])), 5) for k in history[-1]
+                      if k not in ("step", "lr", "seconds")},
         }
         gates.meta = meta
         gates.save(self.out)
@@ -238,14 +257,21 @@ class Trainer:
         tmp.replace(self.out / STATE)
         (self.out / "history.json").write_text(json.dumps(history) + "\n")
 
+    def curve_keys(self) -> tuple[str, ...]:
+        return ("loss", "agree") if self.cfg.objective == "rank" else ("loss", "kl", "cap")
+
     def write_curve(self, history: list[dict]) -> Path:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
         steps = [h["step"] for h in history]
-        fig, ax = plt.subplots(1, 3, figsize=(13, 3.6))
-        for a, key, title in zip(ax, ("loss", "kl", "cap"), ("total loss", "KL(teacher || gated)", "capacity loss")):
+        titles = {"loss": "total loss", "kl": "KL(teacher || gated)", "cap": "capacity loss",
+                  "agree": "share of the hindsight set kept"}
+        keys = self.curve_keys()
+        fig, ax = plt.subplots(1, len(keys), figsize=(4.4 * len(keys), 3.6))
+        for a, key in zip(ax, keys):
+            title = titles[key]
             y = np.asarray([h[key] for h in history])
             a.plot(steps, y, lw=0.6, alpha=0.5)
             if len(y) >= 10:
@@ -253,7 +279,7 @@ class Trainer:
                 a.plot(steps[k - 1:], np.convolve(y, np.ones(k) / k, mode="valid"), lw=1.5)
             a.set_title(title)
             a.set_xlabel("step")
-            a.set_yscale("log" if key != "loss" and (y > 0).all() else "linear")
+            a.set_yscale("log" if key in ("kl", "cap") and (y > 0).all() else "linear")
         fig.suptitle(f"train-gates: budget {self.cfg.budget}, {self.cfg.seq_len} tokens per sequence")
         fig.tight_layout()
         path = self.out / "loss.png"
