@@ -4,7 +4,9 @@ a bounded per-layer, per-KV-head cache that keeps the top-M tokens by log beta_i
 reference.py is the specification (eviction, baselines, capacity sum); ops.py dispatches to the
 Triton kernels (triton_compact.py, triton_capacity.py) on CUDA and to vectorised torch on CPU;
 gate.py holds the gates and their checkpoint format; llama.py the gated forward passes;
-train.py / evaluate.py / cli.py are `leanserve train-gates` and `leanserve eval kv`.
+train.py / evaluate.py / cli.py are `leanserve train-gates` and `leanserve eval kv`; rank.py is train-gates'
+second objective (against hindsight) and oracle.py eval kv's hindsight reference, both on the same
+future-attention pass.
 """
 from .gate import GateError, GateMeta, GateSet
 from .ops import capacity_sum, compact_
