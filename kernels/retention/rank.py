@@ -27,9 +27,9 @@ from .reference import INF
 def layer_inputs_and_future(parts: Parts, ids: torch.Tensor, starts: list[int]):
     """One full-attention pass over ids [T]. Returns per layer (x [T, hidden], the attention input the gate
     reads, and future [len(starts), Hkv, T]: the attention each key receives from queries >= start).
-    starts: ascending, distinct, within the sequence."""
+    starts: ascending, distinct, at most T (a start at T, after the last token, gets zeros)."""
     t_len = ids.shape[0]
-    if list(starts) != sorted(set(starts)) or not 0 <= starts[0] <= starts[-1] < t_len:
+    if list(starts) != sorted(set(starts)) or not 0 <= starts[0] <= starts[-1] <= t_len:
         raise ValueError(f"starts must be ascending, distinct and inside the {t_len} tokens: {starts}")
     h = parts.embed(ids.unsqueeze(0))
     cos, sin = parts.rope(h, torch.arange(t_len, device=ids.device).unsqueeze(0))
