@@ -49,6 +49,10 @@ def test_sample_starts_stay_inside_the_sequence():
     assert rank.sample_starts(rng, 200, [8], 90, 50) == list(range(98, 110))
     with pytest.raises(ValueError, match="no compaction start"):
         rank.sample_starts(rng, 300, [128], 128, 8)
+    with pytest.raises(ValueError, match="ascending"):
+        rank.layer_inputs_and_future(None, torch.zeros(50, dtype=torch.long), [30, 20])
+    with pytest.raises(ValueError, match="ascending"):
+        rank.layer_inputs_and_future(None, torch.zeros(50, dtype=torch.long), [20, 51])
     with pytest.raises(ValueError, match="no start leaves room"):
         rank.rank_loss(torch.zeros(1, 10), torch.zeros(1, 1, 10), [5], [8], 0)
 
