@@ -36,7 +36,8 @@ def compaction_starts(budget: int, buffer: int, n_tokens: int) -> list[int]:
 def future_attention(parts: Parts, ids: torch.Tensor, starts: list[int]) -> list[dict[int, torch.Tensor]]:
     """ids [T] -> per layer {start: [Hkv, T] attention that keys receive from queries at positions >= start}
     under full causal attention (probabilities summed over each KV head's query heads)."""
-    return [dict(zip(starts, future)) for _, future in layer_inputs_and_future(parts, ids, sorted(starts))]
+    starts = sorted(set(starts))
+    return [dict(zip(starts, future)) for _, future in layer_inputs_and_future(parts, ids, starts)]
 
 
 @dataclass

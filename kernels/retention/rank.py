@@ -64,14 +64,14 @@ def rank_loss(log_beta: torch.Tensor, future: torch.Tensor, starts: list[int], b
         pos = torch.arange(sinks, s, device=log_beta.device)
         score = log_beta[:, sinks:s].float() * (s + 1 - pos).float()              # [Hkv, n]
         fut = future[si][:, sinks:s]
+        f_sorted, order = fut.sort(1, descending=True)
+        s_sorted = score.detach().sort(1, descending=True).values
         for m in budgets:
             k = m - sinks
             if k < 1 or k >= score.shape[1]:
                 continue
-            f_sorted, order = fut.sort(1, descending=True)
             target = torch.zeros_like(fut, dtype=torch.bool).scatter_(1, order[:, :k], True)  # exactly k, ties too
             theta = (f_sorted[:, k - 1:k] + f_sorted[:, k:k + 1]) / 2
-            s_sorted = score.detach().sort(1, descending=True).values
             tau = (s_sorted[:, k - 1:k] + s_sorted[:, k:k + 1]) / 2
             margin = torch.where(target, score - tau, tau - score)
             w = (fut - theta).abs()
