@@ -68,11 +68,12 @@ class Parts:
 
 
 def forward_full(parts: Parts, ids: torch.Tensor, gates: GateSet | None = None, bias: bool = False,
-                 want_logits: bool = True, checkpoint: bool = False, sinks: int = 0):
+                 want_logits: bool = True, checkpoint: bool = False, sinks: int = 0, bias_fn=None):
     """ids [B, T]. Returns (logits [B, T, V] or final hidden states, [log beta [B, Hkv, T] per layer]).
     checkpoint: recompute each layer in the backward pass instead of storing its T x T attention
     (training on long sequences). sinks: the first positions get log beta = 0 (never forgotten, as the
-    bounded cache keeps them)."""
+    bounded cache keeps them). bias_fn: log beta [B, Hkv, T] -> additive attention bias [B, Hkv, T, T] used in
+    place of the retention bias (evict.py's relaxed eviction)."""
     b, t_len = ids.shape
     h = parts.embed(ids)
     positions = torch.arange(t_len, device=ids.device).unsqueeze(0).expand(b, -1)
@@ -88,7 +89,7 @@ def forward_full(parts: Parts, ids: torch.Tensor, gates: GateSet | None = None, 
         if lb is not None and sinks:
             lb = torch.cat([torch.zeros_like(lb[..., :sinks]), lb[..., sinks:]], -1)
         if lb is not None and bias:
-            mask = retention_bias(lb).repeat_interleave(g, 1).to(q.dtype)  # [B, Hq, T, T]
+            mask = (bias_fn or retention_bias)(lb).repeat_interleave(g, 1).to(q.dtype)  # [B, Hq, T, T]
             attn = F.scaled_dot_product_attention(q, k.repeat_interleave(g, 1), v.repeat_interleave(g, 1),
                                                   attn_mask=mask, scale=parts.scale)
         else:
