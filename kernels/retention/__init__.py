@@ -6,7 +6,7 @@ Triton kernels (triton_compact.py, triton_capacity.py) on CUDA and to vectorised
 gate.py holds the gates and their checkpoint format; llama.py the gated forward passes;
 train.py / evaluate.py / cli.py are `leanserve train-gates` and `leanserve eval kv`; rank.py is train-gates'
 second objective (against hindsight) and oracle.py eval kv's hindsight reference, both on the same
-future-attention pass.
+future-attention pass; evict.py the third objective (the KL of the served eviction schedule, relaxed).
 """
 from .gate import GateError, GateMeta, GateSet
 from .ops import capacity_sum, compact_

@@ -90,12 +90,15 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--recompute", action="store_true",
                    help="recompute each layer in the backward pass instead of storing its attention "
                         "(less memory for long --seq-len, about 30%% more time)")
-    p.add_argument("--objective", choices=["trimkv", "rank"], default="trimkv",
+    p.add_argument("--objective", choices=["trimkv", "rank", "evict"], default="trimkv",
                    help="trimkv: the authors' loss (CE + KL of the soft-forgetting model, capacity hinge); rank: "
                         "train the served keep-top-M rule against what full attention will attend to "
-                        "(kernels/retention/rank.py; ours) [trimkv]")
+                        "(kernels/retention/rank.py; ours); evict: KL of the served eviction schedule, relaxed "
+                        "(kernels/retention/evict.py; ours) [trimkv]")
     p.add_argument("--rank-budgets", type=int, nargs="+", default=[64, 128, 256],
-                   help="budgets the rank objective trains for [64 128 256]")
+                   help="budgets the rank and evict objectives train for (evict: one per step, in turn) [64 128 256]")
+    p.add_argument("--evict-temperature", type=float, default=0.1,
+                   help="softness of the relaxed eviction, in log(-score) units (evict) [0.1]")
     p.add_argument("--rank-starts", type=int, default=8, help="compaction starts per sequence (rank) [8]")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -119,7 +122,8 @@ def train_main(args) -> int:
                       checkpoint_every=args.checkpoint_every, seed=args.seed, threads=args.threads,
                       init_from=str(Path(args.init_from).resolve()) if args.init_from else "",
                       recompute=args.recompute, sinks=args.sinks, objective=args.objective,
-                      rank_budgets=sorted(args.rank_budgets), rank_starts=args.rank_starts)
+                      rank_budgets=sorted(args.rank_budgets), rank_starts=args.rank_starts,
+                      evict_temperature=args.evict_temperature)
     try:
         Trainer(cfg, progress=not args.quiet).run()
     except (ValueError, OSError) as e:  # GateError is a ValueError

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from .data import TokenPool, read_documents
 from .gate import GateMeta, GateSet, config_sha256
 from .llama import Parts, check_supported, forward_full
-from . import rank
+from . import evict, rank
 from .ops import capacity_sum
 from .reference import capacity_loss
 
@@ -54,15 +54,19 @@ class TrainConfig:
     recompute: bool = False          # recompute layers in the backward pass (long sequences)
     sinks: int = 4                   # the first positions of every sequence are never forgotten, as served
     threads: int = 0
-    objective: str = "trimkv"        # "trimkv": the authors' loss; "rank": rank.py against hindsight
-    rank_budgets: list[int] = field(default_factory=lambda: [64, 128, 256])
+    objective: str = "trimkv"        # "trimkv": the authors' loss; "rank": rank.py against hindsight; "evict": evict.py
+    rank_budgets: list[int] = field(default_factory=lambda: [64, 128, 256])  # budgets of the rank and evict objectives
     rank_starts: int = 8             # compaction starts sampled per sequence (rank objective)
+    evict_temperature: float = 0.1   # softness of the relaxed eviction (evict objective)
 
     def check(self) -> None:
-        if self.objective not in ("trimkv", "rank"):
-            raise ValueError(f"unknown objective {self.objective!r}: trimkv or rank")
-        if self.objective == "rank" and (min(self.rank_budgets) <= self.sinks or self.rank_starts < 1):
+        if self.objective not in ("trimkv", "rank", "evict"):
+            raise ValueError(f"unknown objective {self.objective!r}: trimkv, rank or evict")
+        if self.objective in ("rank", "evict") and (min(self.rank_budgets) <= self.sinks or self.rank_starts < 1):
             raise ValueError("rank budgets must exceed --sinks and --rank-starts must be >= 1")
+        if self.objective == "evict" and (max(self.rank_budgets) + self.buffer >= self.seq_len
+                                          or self.evict_temperature <= 0):
+            raise ValueError("evict: every budget + buffer must be below --seq-len, and the temperature above 0")
         if self.seq_len < 4 * self.budget:
             raise ValueError(f"--seq-len {self.seq_len} must be at least 4x the budget ({4 * self.budget})")
         if min(self.budget, self.buffer, self.batch, self.steps, self.gate_width) < 1:
@@ -73,8 +77,9 @@ class TrainConfig:
     def same_run(self, other: dict) -> list[str]:
         """Fields that differ from a saved run's config (what may not change on resume)."""
         fixed = ("model_dir", "budget", "seq_len", "batch", "gate_width", "bias_init", "seed", "sources", "init_from",
-                 "sinks", "objective", "rank_budgets", "rank_starts")
-        return [k for k in fixed if other.get(k) != asdict(self)[k]]
+                 "sinks", "objective", "rank_budgets", "rank_starts", "evict_temperature")
+        # A field newer than the saved run is taken at its default there.
+        return [k for k in fixed if other.get(k, getattr(TrainConfig, k, None)) != asdict(self)[k]]
 
 
 def lr_at(cfg: TrainConfig, step: int) -> float:
@@ -207,6 +212,11 @@ class Trainer:
                     parts_ = rank.losses(parts, gates, self.batch(pools, step), cfg.rank_budgets, cfg.buffer,
                                          cfg.sinks, starts)
                     loss = parts_["rank"]
+                elif cfg.objective == "evict":  # one budget per step, in turn
+                    m = cfg.rank_budgets[step % len(cfg.rank_budgets)]
+                    parts_ = evict.losses(parts, gates, self.batch(pools, step), m, cfg.buffer, cfg.sinks,
+                                          cfg.evict_temperature, cfg.recompute)
+                    loss = parts_["evict"]
                 else:
                     parts_ = losses(parts, gates, self.batch(pools, step), cfg.budget, cfg.recompute, cfg.sinks)
                     loss = parts_["task"] + cfg.cap_weight * parts_["cap"]
@@ -241,6 +251,8 @@ class Trainer:
                         for s in cfg.sources],
             "objective": cfg.objective, **({"rank_budgets": cfg.rank_budgets, "rank_starts": cfg.rank_starts}
                                            if cfg.objective == "rank" else {}),
+            **({"budgets": cfg.rank_budgets, "evict_temperature": cfg.evict_temperature}
+               if cfg.objective == "evict" else {}),
             "final": {k: round(float(np.mean([h[k] for h in history[-20:]])), 5) for k in history[-1]
                       if k not in ("step", "lr", "seconds")},
         }
@@ -258,7 +270,7 @@ class Trainer:
         (self.out / "history.json").write_text(json.dumps(history) + "\n")
 
     def curve_keys(self) -> tuple[str, ...]:
-        return ("loss", "agree") if self.cfg.objective == "rank" else ("loss", "kl", "cap")
+        return {"rank": ("loss", "agree"), "evict": ("loss", "kl")}.get(self.cfg.objective, ("loss", "kl", "cap"))
 
     def write_curve(self, history: list[dict]) -> Path:
         import matplotlib
