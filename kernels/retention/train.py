@@ -155,6 +155,7 @@ class Trainer:
             if start.meta.intermediate_size != cfg.gate_width:
                 raise ValueError(f"--init-from gates have width {start.meta.intermediate_size}, not {cfg.gate_width}")
             gates.load_state_dict(start.state_dict())
+            meta.bias_init = start.meta.bias_init  # the start's, not this run's unused --bias-init
             meta.training = {"init_from": {"model": start.meta.model, "budget": start.meta.budget,
                                            "training": start.meta.training}}
         return gates

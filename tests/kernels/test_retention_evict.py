@@ -83,7 +83,7 @@ def test_evict_training_lowers_the_relaxed_kl(tiny_dir, tmp_path):  # noqa: F811
     start = _random_gates(first, model, seed=3)
     start.save(tmp_path / "start")
     cfg = config(tiny_dir, tmp_path / "run", objective="evict", rank_budgets=[10, 16], sinks=2, steps=16, lr=5e-2,
-                 evict_temperature=0.1, init_from=str(tmp_path / "start"))
+                 evict_temperature=0.1, init_from=str(tmp_path / "start"), bias_init=9.0)
     trainer = T.Trainer(cfg, progress=False, log=lambda *_: None)
     parts = T.Parts(model)
     held = trainer.batch(trainer._pools(tok), step=10 ** 6)
@@ -96,5 +96,6 @@ def test_evict_training_lowers_the_relaxed_kl(tiny_dir, tmp_path):  # noqa: F811
     gates = trainer.run()
     assert kl_of(gates) < 0.95 * before, (before, kl_of(gates))   # 0.00273 -> 0.00247 (a random model)
     assert gates.meta.training["objective"] == "evict" and gates.meta.training["budgets"] == [10, 16]
+    assert gates.meta.bias_init == start.meta.bias_init == 4.0   # the start's initialisation, not --bias-init
     with pytest.raises(ValueError, match="below --seq-len"):
         config(tiny_dir, tmp_path / "x", objective="evict", rank_budgets=[60]).check()
