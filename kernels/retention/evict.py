@@ -24,12 +24,13 @@ import torch.nn.functional as F
 
 from .gate import GateSet
 from .llama import Parts, forward_full
+from .oracle import compaction_starts
 from .reference import INF
 
 
 def compaction_points(t_len: int, budget: int, buffer: int) -> list[int]:
-    """Tokens seen at each compaction of a sequence of t_len tokens (the queries from n to n + B - 1 follow it)."""
-    return list(range(budget + buffer, t_len, buffer))
+    """Tokens seen at each compaction of a sequence of t_len tokens that some query follows (the cache's rule)."""
+    return [n for n in compaction_starts(budget, buffer, t_len) if n < t_len]
 
 
 def eviction_bias(log_beta: torch.Tensor, budget: int, buffer: int, sinks: int, temperature: float) -> torch.Tensor:
@@ -63,17 +64,17 @@ def eviction_bias(log_beta: torch.Tensor, budget: int, buffer: int, sinks: int, 
         per_point.append(logkeep)
         prev = n
     rows = torch.stack(per_point, 2)                                               # [B, H, P, T]
-    which = ((pos - points[0]) // buffer).clamp(0, len(points) - 1)                 # query -> its compaction
+    at = torch.tensor(points, device=dev)
+    which = (torch.searchsorted(at, pos, right=True) - 1).clamp_min(0)             # query -> its last compaction
     bias = rows[:, :, which]                                                       # [B, H, T(q), T(k)]
-    last = torch.tensor(points, device=dev)[which]                                 # [T(q)]
+    last = at[which]                                                               # [T(q)]
     before = (pos[None, :] < last[:, None]) & (pos[:, None] >= points[0])          # keys the compaction judged
     return torch.where(before, bias, causal)
 
 
 def losses(parts: Parts, gates: GateSet, ids: torch.Tensor, budget: int, buffer: int, sinks: int,
            temperature: float, recompute: bool = False) -> dict[str, torch.Tensor]:
-    """{"kl": mean KL(full || relaxed bounded) over the queries after the first compaction, "evict": the same
-    (the loss)}."""
+    """{"kl": mean KL(full || relaxed bounded) over the queries after the first compaction (the loss)}."""
     start = budget + buffer
     if ids.shape[1] <= start:
         raise ValueError(f"--seq-len {ids.shape[1]} must exceed budget + buffer ({start})")
@@ -88,4 +89,4 @@ def losses(parts: Parts, gates: GateSet, ids: torch.Tensor, budget: int, buffer:
     student, _ = forward_full(parts, ids, gates, bias=True, checkpoint=recompute, sinks=sinks, bias_fn=bias_fn)
     s_logp = F.log_softmax(student[:, start:].float(), -1)
     kl = (t_logp.exp() * (t_logp - s_logp)).sum(-1).mean()
-    return {"evict": kl, "kl": kl.detach()}
+    return {"kl": kl}

@@ -217,7 +217,7 @@ class Trainer:
                     m = cfg.rank_budgets[step % len(cfg.rank_budgets)]
                     parts_ = evict.losses(parts, gates, self.batch(pools, step), m, cfg.buffer, cfg.sinks,
                                           cfg.evict_temperature, cfg.recompute)
-                    loss = parts_["evict"]
+                    loss = parts_["kl"]
                 else:
                     parts_ = losses(parts, gates, self.batch(pools, step), cfg.budget, cfg.recompute, cfg.sinks)
                     loss = parts_["task"] + cfg.cap_weight * parts_["cap"]
