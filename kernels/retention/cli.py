@@ -86,7 +86,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                         "serving (0: the TRIM-KV authors' rule) [4]")
     p.add_argument("--init-from", default="", metavar="GATES_DIR",
                    help="start from these gates instead of a fresh initialisation (e.g. to continue on longer "
-                        "sequences)")
+                        "sequences); a larger --gate-width widens them without changing what they compute")
     p.add_argument("--recompute", action="store_true",
                    help="recompute each layer in the backward pass instead of storing its attention "
                         "(less memory for long --seq-len, about 30%% more time)")

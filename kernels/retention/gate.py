@@ -136,6 +136,21 @@ class GateSet(nn.Module):
         return gates.to(device=device, dtype=dtype)
 
 
+@torch.no_grad()
+def widen_into(gates: GateSet, start: GateSet) -> None:
+    """Copy `start` into `gates`, which may be wider: the extra hidden units keep their fresh input weights and get
+    zero output weights, so the widened gates compute exactly what `start` does (training can then use them)."""
+    w_new, w_old = gates.meta.intermediate_size, start.meta.intermediate_size
+    if w_new < w_old:
+        raise GateError(f"--init-from gates have width {w_old}; cannot narrow them to {w_new}")
+    for g, s in zip(gates.layers, start.layers):
+        g.w1.weight[:w_old] = s.w1.weight
+        g.w1.bias[:w_old] = s.w1.bias
+        g.w2.weight.zero_()
+        g.w2.weight[:, :w_old] = s.w2.weight
+        g.b.copy_(s.b)
+
+
 def read_meta(gate_dir: str | Path) -> GateMeta:
     d = Path(gate_dir)
     try:

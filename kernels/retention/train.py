@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from .data import TokenPool, read_documents
-from .gate import GateMeta, GateSet, config_sha256
+from .gate import GateMeta, GateSet, config_sha256, widen_into
 from .llama import Parts, check_supported, forward_full
 from . import evict, rank
 from .ops import capacity_sum
@@ -152,9 +152,7 @@ class Trainer:
         if cfg.init_from:
             start = GateSet.load(cfg.init_from)
             start.meta.check_model(meta.hidden_size, meta.num_layers, meta.num_kv_heads)
-            if start.meta.intermediate_size != cfg.gate_width:
-                raise ValueError(f"--init-from gates have width {start.meta.intermediate_size}, not {cfg.gate_width}")
-            gates.load_state_dict(start.state_dict())
+            widen_into(gates, start)
             meta.bias_init = start.meta.bias_init  # the start's, not this run's unused --bias-init
             meta.training = {"init_from": {"model": start.meta.model, "budget": start.meta.budget,
                                            "training": start.meta.training}}

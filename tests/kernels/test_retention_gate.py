@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from kernels.retention.gate import GateError, GateMeta, GateSet, read_meta
+from kernels.retention.gate import GateError, GateMeta, GateSet, read_meta, widen_into
 from kernels.retention.llama import BoundedLM, Parts, forward_full
 from kernels.retention.reference import BoundedCache, RetentionPolicy
 from tests.support.tiny_llama import tiny_model
@@ -24,6 +24,24 @@ def test_save_load_round_trip(tmp_path):
     for a, b in zip(g.layers, back.layers):
         assert torch.equal(a(x), b(x))
     assert read_meta(tmp_path).training == {"steps": 7}
+
+
+def test_widening_keeps_what_the_gates_compute_and_narrowing_is_refused():
+    small = GateSet(GateMeta(64, 3, 2, 12))
+    with torch.no_grad():
+        for p in small.parameters():
+            p.add_(torch.randn_like(p))
+    wide = GateSet(GateMeta(64, 3, 2, 19))
+    widen_into(wide, small)
+    x = torch.randn(7, 64)
+    for a, b in zip(small.layers, wide.layers):
+        torch.testing.assert_close(b(x), a(x), rtol=0, atol=1e-6)
+        assert b.w1.weight[12:].abs().sum() > 0          # the new units have inputs, so training can move them
+    loss = sum(g(x).sum() for g in wide.layers)
+    loss.backward()
+    assert all(g.w2.weight.grad[:, 12:].abs().sum() > 0 for g in wide.layers)
+    with pytest.raises(GateError, match="cannot narrow"):
+        widen_into(GateSet(GateMeta(64, 3, 2, 8)), small)
 
 
 def test_bad_checkpoints_are_clear_errors(tmp_path):
