@@ -99,3 +99,15 @@ def test_evict_training_lowers_the_relaxed_kl(tiny_dir, tmp_path):  # noqa: F811
     assert gates.meta.bias_init == start.meta.bias_init == 4.0   # the start's initialisation, not --bias-init
     with pytest.raises(ValueError, match="below --seq-len"):
         config(tiny_dir, tmp_path / "x", objective="evict", rank_budgets=[60]).check()
+
+
+def test_free_rates_start_from_the_given_rates():
+    """bench/retention_free_rates.py fits one free rate per token; it must start exactly at the gates' rates."""
+    from bench.retention_free_rates import FreeRates
+
+    lbs = [-torch.rand(9, 3).double() ** 4 * 5 - 1e-7 for _ in range(2)]      # log beta from ~-1e-7 to -5
+    free = FreeRates([lb.float() for lb in lbs])
+    for i, lb in enumerate(lbs):
+        got = free[i](torch.zeros(2, 9, 4))
+        assert got.shape == (2, 9, 3)
+        torch.testing.assert_close(got[1].double(), lb, rtol=1e-4, atol=1e-9)
