@@ -142,7 +142,7 @@ def widen_into(gates: GateSet, start: GateSet) -> None:
     zero output weights, so the widened gates compute exactly what `start` does (training can then use them)."""
     w_new, w_old = gates.meta.intermediate_size, start.meta.intermediate_size
     if w_new < w_old:
-        raise GateError(f"--init-from gates have width {w_old}; cannot narrow them to {w_new}")
+        raise GateError(f"--init-from gates have width {w_old}; cannot narrow them to {w_new} (pass --gate-width {w_old})")
     for g, s in zip(gates.layers, start.layers):
         g.w1.weight[:w_old] = s.w1.weight
         g.w1.bias[:w_old] = s.w1.bias
