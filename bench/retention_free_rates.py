@@ -34,9 +34,6 @@ class FreeRates(torch.nn.Module):
     def __getitem__(self, i):
         return lambda x: F.logsigmoid(self.z[i]).expand(x.shape[0], -1, -1)
 
-    def __len__(self):
-        return len(self.z)
-
 
 def main(argv: list[str] | None = None) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
